@@ -1,0 +1,33 @@
+"""The one place the project turns Hydra configs into objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def instantiate(cfg: Any, /, **kwargs: Any) -> Any:
+    """Instantiate a ``_target_`` config (recursively), or return ``None`` for an empty/``None`` config.
+
+    Lists and dicts of configs (e.g. callbacks, loggers) come back as lists of objects, entries without a
+    ``_target_`` are skipped, so a group can be disabled by setting it to ``null``.
+    """
+    import hydra.utils
+
+    if cfg is None:
+        return None
+    if isinstance(cfg, (DictConfig, dict)) and "_target_" in cfg:
+        return hydra.utils.instantiate(cfg, _convert_="partial", **kwargs)
+    if isinstance(cfg, (DictConfig, dict)):
+        return [instantiate(v) for v in cfg.values() if isinstance(v, (DictConfig, dict)) and "_target_" in v]
+    if isinstance(cfg, (ListConfig, list)):
+        return [instantiate(v) for v in cfg if v is not None]
+    raise TypeError(f"cannot instantiate {type(cfg).__name__}: expected a config with `_target_`, got {cfg!r}")
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain python containers (what checkpoints store: torch>=2.6 loads with weights_only=True)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
