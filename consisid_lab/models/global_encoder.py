@@ -1,0 +1,80 @@
+"""Global (low-frequency) facial extractors: reference face -> latent concatenated to the noisy latent.
+
+The output ``(B, f, C_g, h, w)`` is concatenated with the noisy video latent on the channel axis, so the
+backbone's ``in_channels`` are ``codec.latent_channels + global_encoder.channels(codec)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from consisid_lab.models.vae import LatentCodec
+
+FACE_FRAME = 0  # latent frame that carries the reference face
+KPS_FRAME = 1  # latent frame that carries the rendered keypoint image (when use_kps)
+
+
+class GlobalEncoder(nn.Module):
+    """Interface.
+
+    ``channels(codec)`` is C_g (0 when the route is off); ``forward(ref_face (B, 3, H, W) in [-1, 1],
+    kps_image (B, 3, H, W) | None, codec, num_latent_frames) -> (B, f, C_g, h, w) | None``.
+    """
+
+    def channels(self, codec: LatentCodec) -> int:
+        raise NotImplementedError
+
+    def forward(
+        self, ref_face: Tensor, kps_image: Tensor | None, codec: LatentCodec, num_latent_frames: int
+    ) -> Tensor | None:
+        raise NotImplementedError
+
+
+class NoGlobalEncoder(GlobalEncoder):
+    """No low-frequency route: nothing is concatenated (C_g = 0)."""
+
+    def channels(self, codec: LatentCodec) -> int:
+        return 0
+
+    def forward(self, ref_face: Tensor, kps_image: Tensor | None, codec: LatentCodec, num_latent_frames: int) -> None:
+        return None
+
+
+class FaceLatentEncoder(GlobalEncoder):
+    """The paper's global facial extractor: the reference face's latent at frame 0, zeros at the other frames.
+
+    With ``use_kps`` the rendered keypoint image's latent goes at latent frame 1 (the released ``is_kps`` layout).
+    C_g = ``codec.latent_channels``. No parameters: the codec is frozen and the backbone's input projection learns
+    what to do with the extra channels.
+    """
+
+    def __init__(self, use_kps: bool = False) -> None:
+        super().__init__()
+        self.use_kps = use_kps
+
+    def channels(self, codec: LatentCodec) -> int:
+        return codec.latent_channels
+
+    def forward(
+        self, ref_face: Tensor, kps_image: Tensor | None, codec: LatentCodec, num_latent_frames: int
+    ) -> Tensor:
+        if self.use_kps and kps_image is None:
+            raise ValueError(
+                "model.global_encoder.use_kps=true needs a keypoint image, but model/keypoint_renderer=none gave "
+                "none; pick model/keypoint_renderer=five_point or set model.global_encoder.use_kps=false"
+            )
+        needed = KPS_FRAME + 1 if self.use_kps else FACE_FRAME + 1
+        if num_latent_frames < needed:
+            raise ValueError(
+                f"model.global_encoder.use_kps={self.use_kps} needs at least {needed} latent frames, got "
+                f"{num_latent_frames}; use more video frames or set model.global_encoder.use_kps=false"
+            )
+        face = codec.encode_image(ref_face)  # (B, 1, C, h, w)
+        out = torch.zeros(
+            (face.shape[0], num_latent_frames, *face.shape[2:]), device=face.device, dtype=face.dtype
+        )  # (B, f, C, h, w)
+        out[:, FACE_FRAME] = face[:, 0]
+        if self.use_kps:
+            out[:, KPS_FRAME] = codec.encode_image(kps_image)[:, 0]
+        return out
