@@ -1,0 +1,152 @@
+"""Reading the run directories that ``consisid_lab.train`` writes (one Hydra job each).
+
+A run dir holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (written by Hydra when the job starts) and,
+once the run has ended, ``metrics.json``::
+
+    {"experiment": "full", "seed": 0, "status": "completed" | "failed" | "running", "error": null | "text",
+     "wall_time_s": 123.4, "metrics": {"test/facesim": 0.7, ...}, "stability": {"max_grad_norm": 3.1, ...},
+     "components": {...}}
+
+The frequency callback adds ``spectra/generated_faces.npz`` at test end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+GENERATED_FACES_FILE = Path("spectra") / "generated_faces.npz"
+RERUN_HINT = "python -m consisid_lab.train ... ckpt_path=<dir>"
+SWEEP_HINT = "python -m consisid_lab.train -m +experiment=<a>,<b> seed=0,1,2"
+
+
+class RunDirError(ValueError):
+    """A directory is not what a command needs; the message names the missing file and how to produce it."""
+
+
+@dataclass
+class RunInfo:
+    """What a run dir says about itself; ``values`` are the flat numeric metrics (see ``metric_column``)."""
+
+    path: Path
+    experiment: str
+    seed: int | None
+    status: str  # completed | failed | running | unfinished
+    error: str | None = None
+    values: dict[str, float] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file()
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every Hydra job dir under ``root`` (``root`` itself if it is one), sorted by path (= job order)."""
+    if is_run_dir(root):
+        return [root]
+    found = {p.parent.parent for p in root.rglob(str(CONFIG_FILE))}
+    found |= {p.parent for p in root.rglob(METRICS_FILE)}
+    # a metrics.json inside a job dir's subfolder (e.g. an eval output) does not make a new run
+    return sorted(p for p in found if not any(q != p and q in p.parents for q in found))
+
+
+def _load_yaml(path: Path) -> Any:
+    from omegaconf import OmegaConf
+
+    if not path.is_file():
+        return None
+    # unresolved: Hydra's saved config may interpolate ${hydra:...}, which only resolves inside a Hydra job
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _override_value(overrides: list[str], *keys: str) -> str | None:
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name.lstrip("+~") in keys:
+            return value
+    return None
+
+
+def metric_column(key: str) -> str:
+    """Column name of a logged metric: ``test/facesim`` -> ``facesim``,
+    ``freq/generated_faces/hf_ratio_025`` -> ``gen_hf_ratio_025``; other keys are kept."""
+    if key.startswith("test/"):
+        return key.removeprefix("test/")
+    if key.startswith("freq/generated_faces/"):
+        return "gen_" + key.removeprefix("freq/generated_faces/")
+    return key
+
+
+def _numeric(value: Any) -> float | None:
+    """Numbers (NaN / inf included: a diverged run's metrics are results too) as float; anything else None."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    return None
+
+
+def read_run(path: Path) -> RunInfo:
+    """Read a run dir; a run without ``metrics.json`` is ``unfinished``, never an exception."""
+    cfg = _load_yaml(path / CONFIG_FILE) or {}
+    overrides = _load_yaml(path / OVERRIDES_FILE) or []
+    overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
+    metrics_path = path / METRICS_FILE
+    data: dict[str, Any] = {}
+    status, error = "unfinished", None
+    if not metrics_path.is_file():
+        error = f"no {METRICS_FILE}; the run did not finish — rerun with `{RERUN_HINT.replace('<dir>', str(path))}`"
+    else:
+        try:
+            data = json.loads(metrics_path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        except ValueError as exc:
+            data, status, error = {}, "failed", f"{METRICS_FILE} is unreadable ({exc})"
+        else:
+            status = str(data.get("status") or "completed")
+            error = data.get("error")
+            if status == "running" and not error:
+                error = (
+                    f"{METRICS_FILE} says the run is still running (or was killed); "
+                    f"resume with `{RERUN_HINT.replace('<dir>', str(path))}`"
+                )
+    experiment = (
+        data.get("experiment")
+        or (cfg.get("experiment_name") if isinstance(cfg, dict) else None)
+        or _override_value(overrides, "experiment")
+        or path.name
+    )
+    if isinstance(experiment, str) and experiment.startswith("${"):
+        experiment = _override_value(overrides, "experiment") or path.name
+    seed = data.get("seed")
+    if seed is None and isinstance(cfg, dict):
+        seed = cfg.get("seed")
+    if seed is None:
+        seed = _override_value(overrides, "seed")
+    try:
+        seed = int(seed) if seed is not None else None
+    except (TypeError, ValueError):
+        seed = None
+    values: dict[str, float] = {}
+    for key, value in (data.get("metrics") or {}).items():
+        if (v := _numeric(value)) is not None:
+            values[metric_column(key)] = v
+    for key, value in (data.get("stability") or {}).items():
+        if (v := _numeric(value)) is not None:
+            values[key] = v
+    if (v := _numeric(data.get("wall_time_s"))) is not None:
+        values["wall_time_s"] = v
+    return RunInfo(
+        path=path,
+        experiment=str(experiment),
+        seed=seed,
+        status=status,
+        error=str(error) if error else None,
+        values=values,
+        overrides=overrides,
+    )
