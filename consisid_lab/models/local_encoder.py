@@ -1,0 +1,117 @@
+"""Local (high-frequency) facial encoders: a face image -> ``IdentityFeatures``.
+
+The embedded benchmark uses stand-in encoders trained on synthetic identities (an ArcFace-loss identity
+network and a small open_clip CLIP); the real insightface / EVA-CLIP encoders implement the same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from consisid_lab.types import IdentityFeatures
+
+log = logging.getLogger(__name__)
+
+ArcFaceLayer = Literal["last", "penultimate"]
+
+
+class LocalEncoder(nn.Module):
+    """Interface: frozen feature extractor. ``vector_dims`` / ``token_dims`` declare what ``forward`` returns."""
+
+    vector_dims: dict[str, int]
+    token_dims: dict[str, int]
+
+    def forward(self, face: Tensor) -> IdentityFeatures:  # face: (B, 3, H, W) in [-1, 1]
+        raise NotImplementedError
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.token_dims)
+
+
+class NoLocalEncoder(LocalEncoder):
+    """No high-frequency route (the paper's plan b)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vector_dims = {}
+        self.token_dims = {}
+
+    def forward(self, face: Tensor) -> IdentityFeatures:
+        return IdentityFeatures()
+
+
+class StandInLocalEncoder(LocalEncoder):
+    """ArcFace-loss identity network and/or small CLIP from the stand-in cache (built on first use).
+
+    ``arcface_layer='last'`` gives the final embedding as the vector ``arcface`` (the released code's choice);
+    ``'penultimate'`` additionally exposes the last spatial feature map as the token map
+    ``arcface_penultimate`` (the paper's choice: it keeps spatial information), fused as one more scale.
+    CLIP gives the projected embedding ``clip`` and the hidden states of ``clip_layers`` as token maps.
+    """
+
+    def __init__(
+        self,
+        arcface: bool = True,
+        clip: bool = True,
+        arcface_layer: ArcFaceLayer = "last",
+        clip_layers: list[int] | None = None,
+        cache_dir: str | None = None,
+        image_size: int = 64,
+        recipe: str = "default",
+    ) -> None:
+        super().__init__()
+        if not (arcface or clip):
+            raise ValueError("StandInLocalEncoder needs arcface=True or clip=True; for no local route use model/local_encoder=none")
+        if arcface_layer not in ("last", "penultimate"):
+            raise ValueError(f"arcface_layer must be 'last' or 'penultimate', got {arcface_layer!r}")
+        from consisid_lab.encoders.recipes import named_recipe
+        from consisid_lab.encoders.store import load_standins
+
+        standins = load_standins(cache_dir, recipe=named_recipe(recipe))
+        self.use_arcface = arcface
+        self.use_clip = clip
+        self.arcface_layer = arcface_layer
+        self.clip_layers = list(clip_layers) if clip_layers is not None else None
+        self.identity_net = standins.identity_net if arcface else None
+        self.clip = standins.clip if clip else None
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        # Dimensions are read off one dry forward so the fuser can be built with explicit sizes.
+        with torch.no_grad():
+            probe = self._extract(torch.zeros(1, 3, image_size, image_size))
+        self.vector_dims = {k: v.shape[-1] for k, v in probe.vectors.items()}
+        self.token_dims = {k: v.shape[-1] for k, v in probe.tokens.items()}
+        self.token_counts = {k: v.shape[1] for k, v in probe.tokens.items()}
+
+    def train(self, mode: bool = True) -> StandInLocalEncoder:
+        # Frozen feature extractor: stays in eval mode (BatchNorm statistics fixed) whatever the trainer does.
+        return super().train(False)
+
+    def _extract(self, face: Tensor) -> IdentityFeatures:
+        feats = IdentityFeatures()
+        if self.identity_net is not None:
+            feats.vectors["arcface"] = self.identity_net.embed(face)  # (B, D_id)
+            if self.arcface_layer == "penultimate":
+                feats.tokens["arcface_penultimate"] = self.identity_net.tokens(face)  # (B, h*w, C)
+        if self.clip is not None:
+            embedding, hidden = self.clip.encode(face)  # (B, D_clip), {name: (B, N, D_vit)}
+            feats.vectors["clip"] = embedding
+            for name, tokens in hidden.items():
+                if self.clip_layers is None or _layer_index(name) in self.clip_layers:
+                    feats.tokens[f"clip_{name}" if not name.startswith("clip") else name] = tokens
+        return feats
+
+    @torch.no_grad()
+    def forward(self, face: Tensor) -> IdentityFeatures:
+        return self._extract(face)
+
+
+def _layer_index(name: str) -> int:
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits else -1

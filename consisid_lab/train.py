@@ -1,0 +1,71 @@
+"""Training task: `python -m consisid_lab.train [+experiment=NAME] [overrides]` (`-m` sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from consisid_lab.utils.run import (
+    RunRecord,
+    close_loggers,
+    in_multirun,
+    log_config,
+    resolve_ckpt_path,
+    seed_everything,
+)
+from consisid_lab.utils.instantiate import instantiate, to_container
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test one composition; returns the final metrics. Every outcome is written to metrics.json."""
+    record = RunRecord.start(cfg)
+    loggers: list = []
+    try:
+        seed_everything(cfg.seed)
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+        datamodule = instantiate(cfg.data)
+        model = instantiate(cfg.model)
+        model.run_config = to_container(cfg)
+        callbacks = instantiate(cfg.get("callbacks"))
+        loggers = instantiate(cfg.get("logger")) or []
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        log_config(loggers, cfg)
+        record.set_components(cfg)
+
+        if cfg.get("train", True):
+            start = time.perf_counter()
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            record.train_time_s = time.perf_counter() - start
+        if cfg.get("test", True):
+            trainer.test(model, datamodule=datamodule, ckpt_path=None)
+        record.finish(trainer.callback_metrics, model.stability)
+        return record.metrics
+    except BaseException as err:
+        record.fail(err)
+        raise
+    finally:
+        close_loggers(loggers)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except Exception:
+        if in_multirun():
+            # One failing sweep member must not stop the others; its metrics.json records the error.
+            log.exception("run failed; continuing the sweep")
+            return None
+        raise
+    value = metrics.get(cfg.get("optimized_metric"))
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

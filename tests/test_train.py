@@ -1,0 +1,186 @@
+"""The training task end to end: every experiment composes and runs, outputs, resume, faults, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from consisid_lab.train import train
+
+from .conftest import CONF, ROOT, TINY_OVERRIDES
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_experiment_list_is_complete():
+    required = {
+        "consisid", "full", "no_global", "no_local", "no_keypoints", "arcface_only", "clip_only", "arcface_last",
+        "arcface_penultimate", "fuser_mlp", "inject_between_attn_ffn", "inject_attn_input", "no_mask_loss",
+        "no_cross_face",
+    }  # fmt: skip
+    assert required <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_trains_and_tests(experiment, train_cfg):
+    cfg = train_cfg(f"+experiment={experiment}")
+    metrics = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "completed"
+    assert record["experiment"] == experiment
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "config_resolved.yaml").is_file()
+    assert 0.0 <= metrics["test/facesim"] <= 1.0
+    assert "test/facesim_shuffled" in metrics and "test/fid" in metrics
+    assert record["components"]["backbone"] == "tiny"
+
+
+def test_composition_matches_experiment(train_cfg):
+    from consisid_lab.models.injector import CrossAttentionInjector, NoInjector
+    from consisid_lab.utils.instantiate import instantiate
+
+    consisid = instantiate(train_cfg("+experiment=consisid").model)
+    assert isinstance(consisid.backbone.injector, CrossAttentionInjector)
+    assert consisid.backbone.injector.position == "after_block" and consisid.backbone.injector.interval == 2
+    assert not consisid.global_encoder.use_kps
+    assert set(consisid.local_encoder.vector_dims) == {"arcface", "clip"}
+    assert "arcface_penultimate" not in consisid.local_encoder.token_dims
+    full = instantiate(train_cfg("+experiment=full").model)
+    assert full.backbone.injector.position == "between_attn_ffn" and full.global_encoder.use_kps
+    assert "arcface_penultimate" in full.local_encoder.token_dims
+    # in_channels follow the global encoder: latent + face latent channels, or latent only without it.
+    assert full.backbone.in_channels == 2 * full.vae.latent_channels
+    no_global = instantiate(train_cfg("+experiment=no_global").model)
+    assert no_global.backbone.in_channels == no_global.vae.latent_channels
+    no_local = instantiate(train_cfg("+experiment=no_local").model)
+    assert isinstance(no_local.backbone.injector, NoInjector) and no_local.fuser is None
+
+
+def test_unknown_choice_lists_the_options(train_cfg):
+    with pytest.raises(ConfigCompositionException, match="perceiver"):
+        train_cfg("model/fuser=foo")
+
+
+def test_incompatible_combinations_fail_before_training(train_cfg):
+    from consisid_lab.utils.instantiate import instantiate
+
+    with pytest.raises(ValueError, match="use_kps"):
+        instantiate(train_cfg("model/keypoint_renderer=none", "model.global_encoder.use_kps=true").model)
+    with pytest.raises(ValueError, match="model/fuser=mlp"):
+        instantiate(train_cfg("model/local_encoder=arcface", "model.local_encoder.arcface_layer=last").model)
+    with pytest.raises(ValueError, match="no identity route"):
+        instantiate(train_cfg("model/global_encoder=none", "model/local_encoder=none", "model/injector=none").model)
+
+
+def test_resume_reproduces_the_loss_curve(tmp_path, standin_cache):
+    from .conftest import compose_train
+
+    common = ["trainer.val_check_interval=100", "test=false", "callbacks.checkpoint.every_n_train_steps=1"]
+    full = compose_train([*common, "trainer.max_steps=6"], tmp_path / "full", standin_cache)
+    train(full)
+    first = compose_train([*common, "trainer.max_steps=3"], tmp_path / "first", standin_cache)
+    train(first)
+    resumed = compose_train(
+        [*common, "trainer.max_steps=6", f"ckpt_path={tmp_path / 'first'}"], tmp_path / "resumed", standin_cache
+    )
+    train(resumed)
+    uninterrupted, continued = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(continued) == [3, 4, 5], "the resumed run continues the global step"
+    for step in continued:
+        assert continued[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7)
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert ckpt["run_config"]["experiment_name"] == "full"
+
+
+def test_nan_loss_is_skipped_or_stops_with_last_good_state(train_cfg, monkeypatch):
+    from consisid_lab.models.lit_module import IdentityVideoModule, NonFiniteLossError
+
+    original = IdentityVideoModule.compute_loss
+
+    def poisoned(self, batch):
+        loss, parts = original(self, batch)
+        return (loss * float("nan"), parts) if self.global_step == 1 else (loss, parts)
+
+    monkeypatch.setattr(IdentityVideoModule, "compute_loss", poisoned)
+    cfg = train_cfg("trainer.max_steps=3", "test=false")
+    train(cfg)
+    record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["stability"]["nan_events"] == 1
+
+    cfg = train_cfg("trainer.max_steps=3", "test=false", "model.nan_policy=stop")
+    with pytest.raises(NonFiniteLossError, match="last good state"):
+        train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert (out / "checkpoints" / "last_good.ckpt").is_file()
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "failed" and "NonFiniteLossError" in record["error"]
+
+
+def test_eval_task_reproduces_test_metrics(train_cfg, tmp_path, standin_cache):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from consisid_lab.eval import evaluate
+
+    cfg = train_cfg("trainer.max_steps=2")
+    trained = train(cfg)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ecfg = compose(
+            "eval",
+            overrides=[f"ckpt_path={cfg.paths.output_dir}", f"paths.cache_dir={standin_cache}", "standins_recipe=tiny"],
+            return_hydra_config=True,
+        )
+    with open_dict(ecfg):
+        ecfg.hydra.runtime.output_dir = str(tmp_path / "eval")
+    HydraConfig.instance().set_config(ecfg)
+    evaluated = evaluate(ecfg)
+    # Same weights (the EMA stored in the checkpoint), same test clips, same sampling seeds: same numbers.
+    for key in ("test/facesim", "test/facesim_shuffled", "test/fid", "test/loss"):
+        assert evaluated[key] == pytest.approx(trained[key], rel=1e-4, abs=1e-5), key
+
+
+def test_wandb_logs_offline_under_the_run_dir(train_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent")
+    cfg = train_cfg("logger=wandb", "trainer.max_steps=2")
+    train(cfg)
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))
+    assert list((runs[0] / "files" / "media").rglob("*.mp4")), "sample videos are logged as mp4"
+
+
+def test_multirun_survives_a_failing_member(tmp_path, standin_cache):
+    env = {**os.environ, "CONSISID_LAB_CACHE": str(standin_cache), "WANDB_MODE": "offline"}
+    cmd = [
+        sys.executable, "-m", "consisid_lab.train", "-m", *TINY_OVERRIDES, "trainer.max_steps=2", "test=false",
+        f"paths.cache_dir={standin_cache}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "model.nan_policy=bogus,skip",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = {}
+    for member in sorted((tmp_path / "sweep").iterdir()):
+        if (member / "metrics.json").is_file():
+            statuses[member.name] = json.loads((member / "metrics.json").read_text())
+    assert [s["status"] for s in statuses.values()] == ["failed", "completed"]
+    assert "nan_policy" in statuses["0"]["error"]
