@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train sweep test test-full lint format bench validate clean
+.PHONY: install train sweep test test-full lint format bench bench-gpu validate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_synthetic.py
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 
 from consisid_lab.train import train
 
-from .conftest import CONF, ROOT, TINY_OVERRIDES
+from conftest import CONF, ROOT, TINY_OVERRIDES
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -87,7 +87,7 @@ def test_incompatible_combinations_fail_before_training(train_cfg):
 
 
 def test_resume_reproduces_the_loss_curve(tmp_path, standin_cache):
-    from .conftest import compose_train
+    from conftest import compose_train
 
     common = ["trainer.val_check_interval=100", "test=false", "callbacks.checkpoint.every_n_train_steps=1"]
     full = compose_train([*common, "trainer.max_steps=6"], tmp_path / "full", standin_cache)

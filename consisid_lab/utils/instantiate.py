@@ -14,11 +14,20 @@ def instantiate(cfg: Any, /, **kwargs: Any) -> Any:
     ``_target_`` are skipped, so a group can be disabled by setting it to ``null``.
     """
     import hydra.utils
+    from hydra.errors import InstantiationException
 
     if cfg is None:
         return None
     if isinstance(cfg, (DictConfig, dict)) and "_target_" in cfg:
-        return hydra.utils.instantiate(cfg, _convert_="partial", **kwargs)
+        try:
+            return hydra.utils.instantiate(cfg, _convert_="partial", **kwargs)
+        except InstantiationException as err:
+            # Configuration errors raised by our constructors (ValueError naming the setting and the fix,
+            # FileNotFoundError naming the path) reach the user as themselves, not wrapped by Hydra.
+            cause = err.__cause__
+            if isinstance(cause, (ValueError, FileNotFoundError, KeyError)):
+                raise cause.with_traceback(cause.__traceback__) from None
+            raise
     if isinstance(cfg, (DictConfig, dict)):
         return [instantiate(v) for v in cfg.values() if isinstance(v, (DictConfig, dict)) and "_target_" in v]
     if isinstance(cfg, (ListConfig, list)):
