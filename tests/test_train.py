@@ -184,3 +184,42 @@ def test_multirun_survives_a_failing_member(tmp_path, standin_cache):
             statuses[member.name] = json.loads((member / "metrics.json").read_text())
     assert [s["status"] for s in statuses.values()] == ["failed", "completed"]
     assert "nan_policy" in statuses["0"]["error"]
+
+
+def test_coarse_to_fine_trains_the_local_route_only_in_the_fine_stage(train_cfg):
+    from consisid_lab.utils.instantiate import instantiate
+
+    def injector_out(model) -> float:
+        return sum(layer.to_out.weight.abs().sum().item() for layer in model.backbone.injector.layers)
+
+    coarse = train_cfg("+experiment=coarse_to_fine", "trainer.max_steps=1", "test=false", "model.stages.0.until=5")
+    model = instantiate(coarse.model)
+    block_before = model.backbone.transformer.transformer_blocks[0].ff.net[2].weight.detach().clone()
+    trainer = instantiate(coarse.trainer, logger=False, callbacks=[])
+    trainer.fit(model, datamodule=instantiate(coarse.data))
+    assert injector_out(model) == 0.0, "the zero-initialised injector stays frozen in the coarse stage"
+    assert not torch.equal(block_before, model.backbone.transformer.transformer_blocks[0].ff.net[2].weight)
+
+    # until <= 1 is a fraction of max_steps: round(0.34 * 3) = step 1 starts the fine stage.
+    fine = train_cfg("+experiment=coarse_to_fine", "trainer.max_steps=3", "test=false", "model.stages.0.until=0.34")
+    model = instantiate(fine.model)
+    trainer = instantiate(fine.trainer, logger=False, callbacks=[])
+    trainer.fit(model, datamodule=instantiate(fine.data))
+    assert injector_out(model) > 0.0, "the fine stage trains the identity cross-attention"
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+    assert lrs["backbone.injector"] == pytest.approx(2 * lrs["backbone"])
+
+
+def test_lora_and_identity_only_train_the_declared_sets(train_cfg):
+    from consisid_lab.utils.instantiate import instantiate
+
+    lora = instantiate(train_cfg("+experiment=lora").model)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    assert all(
+        "lora_" in n or n.startswith(("fuser.", "backbone.injector.", "text_encoder.")) for n in trainable
+    ), trainable
+    ident = instantiate(train_cfg("+experiment=identity_only").model)
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("backbone.") else "")
+                 for n, p in ident.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trainable == {"fuser", "backbone.injector"}

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from consisid_lab.models.injector import NoInjector
+from consisid_lab.models.trainable import Stage, apply_lora, lr_multiplier, select_parameters, stage_index
 from consisid_lab.types import IdentityFeatures, VideoBatch
 from consisid_lab.utils.instantiate import instantiate, to_container
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Top-level modules; the injector lives inside the backbone (``backbone.injector``).
 COMPONENTS = ("vae", "text_encoder", "keypoint_renderer", "global_encoder", "local_encoder", "fuser", "backbone")
+FROZEN_PREFIXES = ("vae.", "local_encoder.")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,6 +56,8 @@ class IdentityVideoModule(pl.LightningModule):
         nan_policy: str = "skip",
         gradient_checkpointing: bool = False,
         metrics: DictConfig | dict | None = None,
+        stages: list[dict] | None = None,
+        lora: DictConfig | dict | None = None,
     ) -> None:
         super().__init__()
         # Plain containers only: checkpoints load with weights_only=True and carry their config.
@@ -98,7 +102,17 @@ class IdentityVideoModule(pl.LightningModule):
         if gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
         self.noise_scheduler = make_scheduler(**dict(to_container(scheduler)))
-        self._set_trainable(trainable)
+        if lora:
+            lora_cfg = dict(to_container(lora))
+            apply_lora(self.backbone.transformer, **lora_cfg)
+            log.info("LoRA adapters on the backbone: %s", lora_cfg)
+        self.stages = [Stage.parse(dict(to_container(st))) for st in (stages or [])]
+        self._current_stage: int | None = None
+        self.trainable_selectors = list(trainable) if trainable is not None else ["text_encoder", "fuser", "backbone"]
+        # The optimizer holds every parameter that trains in any stage; a stage toggles requires_grad.
+        selections = [st.trainable for st in self.stages] or [self.trainable_selectors]
+        self._optimized = set().union(*(self._select(sel) for sel in selections))
+        self._set_trainable(self._select(selections[0]))
         self.metrics_cfg = to_container(metrics) if metrics is not None else None
         self.benchmark_metrics = None  # built lazily in setup(): needs the evaluator stand-ins
         self.stability = {"max_grad_norm": 0.0, "nan_events": 0}
@@ -120,31 +134,42 @@ class IdentityVideoModule(pl.LightningModule):
                 "model/global_encoder=none and model/local_encoder=none leave no identity route; keep at least one"
             )
 
-    def _set_trainable(self, trainable: list[str] | None) -> None:
-        """Freeze everything, then unfreeze the named top-level components (default: all learnable ones)."""
-        names = list(trainable) if trainable is not None else ["text_encoder", "fuser", "backbone"]
-        unknown = [n for n in names if n.split(".")[0] not in COMPONENTS]
-        if unknown:
-            raise ValueError(f"trainable lists unknown modules {unknown}; valid: {list(COMPONENTS)}")
-        for p in self.parameters():
-            p.requires_grad_(False)
-        for name in names:
-            module = self.get_submodule(name) if self._has_module(name) else None
-            if module is not None:
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        # Frozen extractors never train, whatever the list says.
-        for frozen in ("vae", "local_encoder"):
-            m = getattr(self, frozen)
-            if m is not None:
-                for p in m.parameters():
-                    p.requires_grad_(False)
+    def _select(self, selectors: list[str]) -> set[str]:
+        picked = select_parameters(self, selectors, COMPONENTS)
+        # Frozen extractors never train, whatever the selectors say.
+        return {n for n in picked if not n.startswith(FROZEN_PREFIXES)}
 
-    def _has_module(self, name: str) -> bool:
-        try:
-            return self.get_submodule(name) is not None
-        except AttributeError:
-            return False
+    def _set_trainable(self, names: set[str]) -> None:
+        for n, p in self.named_parameters():
+            p.requires_grad_(n in names)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self.stages:
+            return
+        idx = stage_index(self.stages, self.global_step, self.trainer.max_steps)
+        if idx == self._current_stage:
+            return
+        stage = self.stages[idx]
+        self._set_trainable(self._select(stage.trainable))
+        multipliers = {**dict(self.optimizer_cfg.get("lr_multipliers") or {}), **stage.lr_multipliers}
+        base_lr = float(self.optimizer_cfg.get("lr", 1e-4))
+        warmup = int(self.optimizer_cfg.get("warmup_steps", 0))
+        factor = min(1.0, (self.global_step + 1) / warmup) if warmup > 0 else 1.0
+        for opt in self.trainer.optimizers:
+            new = [base_lr * lr_multiplier(g["name"], multipliers) for g in opt.param_groups]
+            for group, lr in zip(opt.param_groups, new):
+                group["initial_lr"] = lr
+                group["lr"] = lr * factor
+            for sched_cfg in self.trainer.lr_scheduler_configs:
+                if sched_cfg.scheduler.optimizer is opt:
+                    sched_cfg.scheduler.base_lrs = list(new)
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        log.info(
+            "training stage %d/%d %r from step %d: %s (%.2fM trainable parameters)",
+            idx + 1, len(self.stages), stage.name, self.global_step, stage.trainable, n_train / 1e6,
+        )  # fmt: skip
+        self._current_stage = idx
+        self.log("train/stage", float(idx))
 
     # ------------------------------------------------------------------ conditioning
     def encode_text(self, captions: list[str]) -> Tensor:
@@ -428,21 +453,24 @@ class IdentityVideoModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
+        """AdamW with one parameter group per module prefix (named, so stages can retune their learning rates)."""
         cfg = self.optimizer_cfg
         base_lr = float(cfg.get("lr", 1e-4))
         multipliers: dict[str, float] = dict(cfg.get("lr_multipliers") or {})
-        groups: dict[float, list[torch.nn.Parameter]] = {}
+        prefixes = set(multipliers) | {m for st in self.stages for m in st.lr_multipliers}
+        groups: dict[str, list[torch.nn.Parameter]] = {}
         for name, p in self.named_parameters():
-            if not p.requires_grad:
+            if name not in self._optimized:
                 continue
-            mult = 1.0
-            for prefix, m in multipliers.items():
-                if name == prefix or name.startswith(prefix + "."):
-                    mult = float(m)
-            groups.setdefault(mult, []).append(p)
+            matching = [pre for pre in prefixes if name == pre or name.startswith(pre + ".")]
+            key = max(matching, key=len) if matching else name.split(".")[0]
+            groups.setdefault(key, []).append(p)
         if not groups:
-            raise ValueError("no trainable parameters: check `model.trainable`")
-        param_groups = [{"params": ps, "lr": base_lr * m} for m, ps in sorted(groups.items())]
+            raise ValueError(f"no trainable parameters: `model.trainable={self.trainable_selectors}` selects none")
+        param_groups = [
+            {"params": ps, "name": key, "lr": base_lr * lr_multiplier(key, multipliers)}
+            for key, ps in sorted(groups.items())
+        ]
         opt = torch.optim.AdamW(
             param_groups,
             lr=base_lr,
