@@ -175,13 +175,52 @@ class IdentityVideoModule(pl.LightningModule):
     def encode_text(self, captions: list[str]) -> Tensor:
         return self.text_encoder(captions)  # (B, L, D_text)
 
+    def _batch_text(self, batch: VideoBatch, drop: list[bool]) -> Tensor:
+        """Caption tokens, with dropped captions (classifier-free guidance) replaced by the empty caption.
+
+        Cached tokens (from preprocessing) are used only with a frozen text encoder: a trainable one (the
+        bag-of-words default) would make them stale after the first step.
+        """
+        frozen = not any(p.requires_grad for p in self.text_encoder.parameters())
+        if "text" in batch.cached and frozen:
+            text = batch.cached["text"]
+            if any(drop):
+                empty = self.encode_text([""]).to(text)  # (1, L, D)
+                keep = torch.tensor([not d for d in drop], device=text.device).view(-1, 1, 1)
+                text = torch.where(keep, text, empty)
+            return text
+        return self.encode_text(["" if d else c for d, c in zip(drop, batch.caption)])
+
+    @staticmethod
+    def _cached_features(batch: VideoBatch, use_cross: Tensor) -> IdentityFeatures | None:
+        """Local-encoder features from the preprocessing cache, intra or cross-face reference per sample.
+
+        The cached cross-face features were computed without the training-time noise on the reference.
+        """
+        c = batch.cached
+        vec = sorted(k.split("/", 1)[1] for k in c if k.startswith("id_vec/"))
+        tok = sorted(k.split("/", 1)[1] for k in c if k.startswith("id_tok/"))
+        if not vec and not tok:
+            return None
+
+        def pick(kind: str, name: str) -> Tensor:
+            intra, cross = c[f"id_{kind}/{name}"], c.get(f"ref_id_{kind}/{name}", c[f"id_{kind}/{name}"])
+            return torch.where(use_cross.view(-1, *([1] * (intra.ndim - 1))), cross, intra)
+
+        return IdentityFeatures(
+            vectors={n: pick("vec", n) for n in vec}, tokens={n: pick("tok", n) for n in tok}
+        )
+
     def identity_conditions(
-        self, face: Tensor, kps: Tensor, num_latent_frames: int
+        self, face: Tensor, kps: Tensor, num_latent_frames: int, feats: IdentityFeatures | None = None
     ) -> tuple[Tensor | None, Tensor | None, IdentityFeatures | None]:
-        """Global conditioning latent and identity tokens for reference faces ``(B, 3, H, W)``."""
+        """Global conditioning latent and identity tokens for reference faces ``(B, 3, H, W)``.
+
+        ``feats``: the local encoder's features when already known (read from the preprocessing cache).
+        """
         kps_image = self.keypoint_renderer(face, kps) if getattr(self.global_encoder, "use_kps", False) else None
         g = self.global_encoder(face, kps_image, self.vae, num_latent_frames)  # (B, f, C_g, h, w) or None
-        feats = self.local_encoder(face)
+        feats = self.local_encoder(face) if feats is None else feats
         tokens = self.fuser(feats) if self.fuser is not None else None  # (B, Q, D_kv)
         return g, tokens, feats
 
@@ -209,8 +248,11 @@ class IdentityVideoModule(pl.LightningModule):
         seed = int(self.loss_cfg.get("seed", 0))
         return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + int(self.global_step))
 
-    def _choose_reference(self, batch: VideoBatch, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Dynamic cross-face reference: with probability beta the face comes from outside the clip, plus noise."""
+    def _choose_reference(self, batch: VideoBatch, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Dynamic cross-face reference: with probability beta the face comes from outside the clip, plus noise.
+
+        Returns the reference faces ``(B, 3, H, W)``, their keypoints ``(B, 5, 2)`` and the choice ``(B,)``.
+        """
         beta = float(self.loss_cfg.get("cross_face_prob", 0.5))
         noise_std = float(self.loss_cfg.get("cross_face_noise", 0.05))
         b = batch.batch_size
@@ -221,7 +263,7 @@ class IdentityVideoModule(pl.LightningModule):
             noise = (torch.randn(face.shape, generator=gen) * noise_std).to(face)
             face = torch.where(sel, (face + noise).clamp(-1, 1), face)
         kps = torch.where(use_cross.view(b, 1, 1), batch.ref_kps, batch.intra_kps)
-        return face, kps
+        return face, kps, use_cross
 
     def compute_loss(self, batch: VideoBatch) -> tuple[Tensor, dict[str, Tensor]]:
         from consisid_lab.models.diffusion import v_to_x0, weighted_x0_loss
@@ -229,13 +271,11 @@ class IdentityVideoModule(pl.LightningModule):
         gen = self._step_generator()
         x0 = self._latents(batch)  # (B, f, C, h, w)
         b, f = x0.shape[:2]
-        captions = list(batch.caption)
         p_text = float(self.loss_cfg.get("text_dropout", 0.1))
-        drop = torch.rand(b, generator=gen).tolist()
-        captions = ["" if r < p_text else c for r, c in zip(drop, captions)]
-        text = self.encode_text(captions)
-        face, kps = self._choose_reference(batch, gen)
-        g, tokens, _ = self.identity_conditions(face, kps, f)
+        drop = [r < p_text for r in torch.rand(b, generator=gen).tolist()]
+        text = self._batch_text(batch, drop)
+        face, kps, use_cross = self._choose_reference(batch, gen)
+        g, tokens, _ = self.identity_conditions(face, kps, f, feats=self._cached_features(batch, use_cross))
         p_id = float(self.loss_cfg.get("identity_dropout", 0.0))
         keep = (torch.rand(b, generator=gen) >= p_id).to(x0)  # (B,)
         if p_id > 0:

@@ -1,0 +1,200 @@
+"""LightningDataModule over real videos (ConsisID layout or a plain folder), optionally read from a feature cache.
+
+Splits are by video and deterministic (:func:`~consisid_lab.data.real.split_entries`). Without a feature cache each
+item is decoded and analysed on the fly; with ``feature_cache_dir`` the clips are read from the cache that
+``python -m consisid_lab.preprocess`` wrote for the same data and model settings, and a cache written under other
+settings is refused with an error that says how to rebuild it (never silently used).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from consisid_lab.data.feature_cache import CachedFeatureDataset, check_cache, content_config, content_hash
+from consisid_lab.data.real import (
+    ClipSampling,
+    RealVideoDataset,
+    VideoEntry,
+    collate_real_batch,
+    consisid_entries,
+    folder_entries,
+    split_entries,
+)
+from consisid_lab.data.skip_log import SkipLog
+from consisid_lab.types import VideoBatch
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("consisid", "folder")
+_SPLITS = ("train", "val", "test")
+
+
+class RealVideoDataModule(L.LightningDataModule):
+    """Real captioned videos as train / val / test splits.
+
+    Args:
+        root: dataset folder.
+        layout: ``consisid`` (caption JSON, per-frame track boxes, per-track masks) or ``folder``.
+        caption_json: ConsisID layout: caption JSON file(s) relative to ``root`` (default: ``total_train_data.txt``).
+        height, width, num_frames, stride, skip_head, skip_tail, position: clip sampling (``num_frames`` = 4k+1).
+        face_policy: which face MediaPipe picks when there is no track (``largest``, ``center``, ``highest_score``).
+        track: ConsisID layout: which track of a multi-person clip (``largest``, ``longest`` or a track id).
+        bbox_dir, mask_dir: ConsisID layout folder names.
+        val_fraction, test_fraction: share of the videos in val / test.
+        skipped_path: where unusable items are recorded (``skipped.jsonl`` of the run).
+        feature_cache_dir: read clips from this preprocessing cache (``None``: decode on the fly).
+        components: the model's ``vae`` / ``text_encoder`` / ``local_encoder`` configs: part of the cache key.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        layout: Literal["consisid", "folder"] = "consisid",
+        caption_json: str | list[str] | None = None,
+        height: int = 64,
+        width: int = 64,
+        num_frames: int = 9,
+        stride: int = 1,
+        skip_head: int = 0,
+        skip_tail: int = 0,
+        position: float = 0.5,
+        face_policy: str = "largest",
+        track: str | int = "largest",
+        bbox_dir: str = "bbox",
+        mask_dir: str = "masks",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        seed: int = 0,
+        skipped_path: str | None = None,
+        feature_cache_dir: str | None = None,
+        components: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown data layout {layout!r}; pick one of {LAYOUTS}")
+        if root is None or not Path(root).is_dir():
+            raise FileNotFoundError(f"data.root={root!r} is not a folder; set data.root=DIR")
+        self.root = Path(root)
+        self.layout = layout
+        self.caption_json = _plain(caption_json)  # a ListConfig when built by Hydra with _recursive_=false
+        self.sampling = ClipSampling(
+            height, width, num_frames, stride, skip_head, skip_tail, position, face_policy, track
+        )
+        self.sampling.validate()
+        self.bbox_dir, self.mask_dir = bbox_dir, mask_dir
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.skip_log = SkipLog(skipped_path)
+        self.feature_cache_dir = feature_cache_dir
+        self.components = _plain(components) if components is not None else {}
+        self.splits: dict[str, list[VideoEntry]] | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ content key
+    def content_config(self) -> dict:
+        """What the cached content depends on: dataset identity, clip sampling and the encoder configs."""
+        dataset = {
+            "root": str(self.root.resolve()),
+            "layout": self.layout,
+            "caption_json": self.caption_json,
+            "bbox_dir": self.bbox_dir,
+            "mask_dir": self.mask_dir,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+        }
+        return content_config(self.sampling.to_dict(), dataset, self.components)
+
+    def content_hash(self) -> str:
+        return content_hash(self.content_config())
+
+    # ------------------------------------------------------------------ splits
+    def entries(self) -> dict[str, list[VideoEntry]]:
+        """Videos per split (entries without a caption are recorded in ``skipped.jsonl`` and left out)."""
+        if self.splits is None:
+            if self.layout == "consisid":
+                found = consisid_entries(self.root, self.caption_json, self.bbox_dir, self.mask_dir, self.skip_log)
+            else:
+                found = folder_entries(self.root, self.skip_log)
+            if not found:
+                raise ValueError(f"no usable video in {self.root} (layout {self.layout!r}); see {self.skip_log.path}")
+            self.splits = split_entries(found, self.val_fraction, self.test_fraction, self.seed)
+            logger.info(
+                "%s: %s videos (train / val / test), %d skipped while listing",
+                self.root,
+                " / ".join(str(len(self.splits[s])) for s in _SPLITS),
+                sum(self.skip_log.counts.values()),
+            )
+        return self.splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.feature_cache_dir:
+            folder = check_cache(self.feature_cache_dir, self.content_hash())
+            for split in _SPLITS:
+                self.datasets[split] = CachedFeatureDataset(folder, split)
+            logger.info("reading clips from the feature cache %s", folder)
+            return
+        for split, entries in self.entries().items():
+            self.datasets[split] = RealVideoDataset(entries, self.sampling, self.skip_log)
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in _SPLITS:
+            raise ValueError(f"split {split!r} is not served by the datamodule; pick one of {_SPLITS}")
+        self.setup()
+        return self.datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.dataset(split)
+        if len(ds) == 0:
+            raise ValueError(f"split {split!r} of {self.root} is empty; adjust val_fraction / test_fraction")
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_real_batch,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def fixed_batch(self, split: str = "test", num: int | None = None) -> VideoBatch:
+        """The first ``num`` (default up to 4) usable clips of ``split`` as one batch (same content on every call)."""
+        ds = self.dataset(split)
+        num = min(4, len(ds)) if num is None else num
+        if not 1 <= num <= len(ds):
+            raise ValueError(f"num={num} fixed clips of split {split!r} must be in [1, {len(ds)}]")
+        items, seen, i = [], set(), 0
+        while len(items) < num and i < len(ds):
+            item = ds[i]
+            if item["clip_id"] not in seen:  # a skipped clip is replaced by the next one: keep each clip once
+                seen.add(item["clip_id"])
+                items.append(item)
+            i += 1
+        return collate_real_batch(items)
+
+
+def _plain(cfg):
+    from consisid_lab.utils.instantiate import to_container
+
+    return to_container(cfg)
