@@ -1,0 +1,214 @@
+"""Validate the embedded synthetic benchmark and its stand-in encoders; print one JSON object (last line).
+
+    python -m consisid_lab.validate_benchmark [--cache-dir DIR] [--rebuild] [--pairs N]
+
+Figures (all on held-out "test" identities, which no stand-in saw):
+- evaluator_auc: verification ROC-AUC of FaceSim (reference of one video vs frames of another video), same
+  identity vs different identity.
+- high_only_auc / low_only_auc: FaceSim-High (FaceSim-Low) separating identities that share the low (high)
+  part and differ only in the high (low) part.
+- high_metric_on_low_only_change / low_metric_on_high_only_change: cross-band leakage, the mean drop of
+  FaceSim-High (FaceSim-Low) when only the *other* band's identity changes (should be small), next to the
+  in-band drops for scale.
+- frames_per_s of the generator on one thread, its frequency-separation report, and the stand-ins' build time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+TEST_SPLIT = "test"
+
+
+@dataclass
+class ClipSet:
+    """Reference faces and videos of rendered test clips, in [-1, 1] channels-first."""
+
+    refs: Tensor  # (K, 3, H, W)
+    videos: Tensor  # (K, F, 3, H, W)
+
+
+def _to_tensor(array: np.ndarray) -> Tensor:
+    """(..., H, W, 3) in [0, 1] -> (..., 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(array)).float().movedim(-1, -3).mul(2).sub(1)
+
+
+def render_set(cfg, identities: list, video_tag: int) -> ClipSet:
+    """One clip per identity; the video seed depends on (tag, position) so sets never share a video."""
+    from consisid_lab.data.synthetic import render_clip, sample_motion
+
+    refs, videos = [], []
+    for i, identity in enumerate(identities):
+        motion = sample_motion(cfg, 1_000_003 * video_tag + 2 * i)
+        clip = render_clip(cfg, identity, motion, ref_motion_seed=1_000_003 * video_tag + 2 * i + 1)
+        refs.append(_to_tensor(clip.ref_face))
+        videos.append(_to_tensor(clip.frames))
+    return ClipSet(torch.stack(refs), torch.stack(videos))
+
+
+def facesim_matrix(evaluator, refs: Tensor, videos: Tensor) -> Tensor:
+    """``S[i, j]`` = FaceSim of reference i against video j ``(K, K)``: mean over frames of max(0, cos)."""
+    from consisid_lab.metrics.evaluator_frozen import FrozenEmbedder, embed_video
+
+    embedder = FrozenEmbedder(evaluator)
+    ref_emb = embedder(refs)  # (K, D)
+    frame_emb = embed_video(embedder, videos)  # (K, F, D)
+    cos = torch.einsum("id,jfd->ijf", ref_emb, frame_emb)
+    return cos.clamp_min(0).mean(dim=-1)
+
+
+def auroc(positive: Tensor, negative: Tensor) -> float:
+    from torchmetrics.functional.classification import binary_auroc
+
+    scores = torch.cat([positive.flatten(), negative.flatten()])
+    target = torch.cat([torch.ones(positive.numel()), torch.zeros(negative.numel())]).long()
+    return float(binary_auroc(scores, target))
+
+
+def generator_speed(cfg) -> float:
+    """Frames per second of the generator on one thread (its own benchmark when it has one)."""
+    from consisid_lab.data import synthetic
+
+    bench = getattr(synthetic, "benchmark_frames_per_second", None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if callable(bench):
+            return float(bench(cfg))
+        synthetic.make_clip(cfg, synthetic.identity_seed(TEST_SPLIT, 0), 0)  # warm-up
+        frames, start, n = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < 3.0:
+            frames += synthetic.make_clip(cfg, synthetic.identity_seed(TEST_SPLIT, n % 50), n).frames.shape[0]
+            n += 1
+        return frames / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def frequency_report(cfg) -> dict:
+    from consisid_lab.data import synthetic
+
+    report_fn = getattr(synthetic, "frequency_separation_report", None)
+    if not callable(report_fn):
+        return {}
+    try:
+        report = report_fn(cfg)
+    except TypeError:
+        report = report_fn()
+    return report if isinstance(report, dict) else {"report": str(report)}
+
+
+def validate(standins, generator_config, pairs: int) -> dict:
+    """Render held-out test identities and compute every validation figure."""
+    from consisid_lab.data.synthetic import identity_seed, sample_identity
+
+    cfg = generator_config
+    k = pairs
+    low = [identity_seed(TEST_SPLIT, i) for i in range(k)]
+    other = [identity_seed(TEST_SPLIT, k + i) for i in range(k)]  # other test seeds for the changed band
+    base = [sample_identity(cfg, s, s) for s in low]
+    high_changed = [sample_identity(cfg, s, o) for s, o in zip(low, other)]
+    low_changed = [sample_identity(cfg, o, s) for s, o in zip(low, other)]
+
+    t0 = time.perf_counter()
+    ref_set = render_set(cfg, base, video_tag=1)  # references (and their own videos, unused)
+    same_set = render_set(cfg, base, video_tag=2)  # same identity, other video
+    high_set = render_set(cfg, high_changed, video_tag=3)
+    low_set = render_set(cfg, low_changed, video_tag=4)
+    render_s = time.perf_counter() - t0
+
+    def diag(m: Tensor) -> Tensor:
+        return m.diagonal()
+
+    off = ~torch.eye(k, dtype=torch.bool)
+    full = facesim_matrix(standins.evaluator, ref_set.refs, same_set.videos)
+    id_full = facesim_matrix(standins.identity_net, ref_set.refs, same_set.videos)
+
+    refs = ref_set.refs
+    hi_same = diag(facesim_matrix(standins.evaluator_high, refs, same_set.videos))
+    hi_on_high = diag(facesim_matrix(standins.evaluator_high, refs, high_set.videos))
+    hi_on_low = diag(facesim_matrix(standins.evaluator_high, refs, low_set.videos))
+    lo_same = diag(facesim_matrix(standins.evaluator_low, refs, same_set.videos))
+    lo_on_low = diag(facesim_matrix(standins.evaluator_low, refs, low_set.videos))
+    lo_on_high = diag(facesim_matrix(standins.evaluator_low, refs, high_set.videos))
+    full_on_high = diag(facesim_matrix(standins.evaluator, refs, high_set.videos))
+    full_on_low = diag(facesim_matrix(standins.evaluator, refs, low_set.videos))
+
+    return {
+        "evaluator_auc": auroc(diag(full), full[off]),
+        "high_only_auc": auroc(hi_same, hi_on_high),
+        "low_only_auc": auroc(lo_same, lo_on_low),
+        "high_metric_on_low_only_change": float(hi_same.mean() - hi_on_low.mean()),
+        "low_metric_on_high_only_change": float(lo_same.mean() - lo_on_high.mean()),
+        "high_metric_on_high_only_change": float(hi_same.mean() - hi_on_high.mean()),
+        "low_metric_on_low_only_change": float(lo_same.mean() - lo_on_low.mean()),
+        "facesim_same_identity": float(diag(full).mean()),
+        "facesim_other_identity": float(full[off].mean()),
+        "facesim_high_only_change": float(full_on_high.mean()),
+        "facesim_low_only_change": float(full_on_low.mean()),
+        "evaluator_auc_high_only": auroc(diag(full), full_on_high),
+        "evaluator_auc_low_only": auroc(diag(full), full_on_low),
+        "identity_net_auc": auroc(diag(id_full), id_full[off]),
+        "test_identities": k,
+        "validation_render_s": render_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m consisid_lab.validate_benchmark", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="stand-in cache (default: $CONSISID_LAB_CACHE or ~/.cache/consisid_lab/standins)",
+    )
+    parser.add_argument("--rebuild", action="store_true", help="rebuild every stand-in even when cached")
+    parser.add_argument("--pairs", type=int, default=200, help="held-out test identities (positive pairs) per figure")
+    parser.add_argument("--recipe", choices=("default", "tiny"), default="default", help="stand-in training recipe")
+    args = parser.parse_args(argv)
+    if args.pairs < 2:
+        parser.error(f"--pairs must be >= 2 (negatives need a second identity), got {args.pairs}")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from consisid_lab.encoders.store import default_generator_config, load_standins
+    from consisid_lab.encoders.training import Recipe
+
+    torch.set_num_threads(2)
+    cfg = default_generator_config()
+    recipe = Recipe.tiny() if args.recipe == "tiny" else Recipe()
+    start = time.perf_counter()
+    standins = load_standins(
+        args.cache_dir, build_if_missing=True, recipe=recipe, generator_config=cfg, rebuild=args.rebuild
+    )
+    load_s = time.perf_counter() - start
+    with torch.no_grad():
+        result = validate(standins, cfg, args.pairs)
+    result["frames_per_s"] = generator_speed(cfg)
+    result["frequency_separation"] = frequency_report(cfg)
+    result["build_seconds"] = standins.build_seconds
+    result["rebuilt"] = standins.rebuilt
+    result["load_or_build_s"] = load_s
+    result["cached_build_seconds"] = {n: i.get("train", {}).get("seconds") for n, i in standins.info.items()}
+    result["recipe"] = recipe.name
+    result["targets_met"] = bool(
+        result["evaluator_auc"] >= 0.98 and result["high_only_auc"] >= 0.95 and result["low_only_auc"] >= 0.95
+    )
+    print(json.dumps(result, sort_keys=True, default=float))
+    return result
+
+
+if __name__ == "__main__":
+    main()

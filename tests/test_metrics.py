@@ -1,0 +1,188 @@
+"""Benchmark metrics: FaceSim (full / low / high band), IdentityDrift, FaceFID."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from consisid_lab.encoders.evaluator import EvaluatorConfig, EvaluatorNet
+from consisid_lab.metrics.face_fid import FaceFID
+from consisid_lab.metrics.facesim import FaceSim, FaceSimHigh, FaceSimLow
+from consisid_lab.metrics.identity_drift import IdentityDrift
+
+
+def _random_evaluator(band: str = "full", seed: int = 0) -> EvaluatorNet:
+    """Untrained evaluator whose batch-norm statistics are calibrated on random images, so that its
+    embeddings are centred and differ between unrelated images (an uncalibrated one maps everything close)."""
+    torch.manual_seed(seed)
+    net = EvaluatorNet(EvaluatorConfig(band=band, widths=(8, 16), embed_dim=16, image_size=32))
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the calibration batches
+    net.train()
+    with torch.no_grad():
+        for _ in range(4):
+            net(torch.rand(32, 3, 32, 32) * 2 - 1)
+    return net.eval()
+
+
+def _videos(b: int = 3, f: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.rand(b, 3, 32, 32, generator=g) * 2 - 1
+    video = torch.rand(b, f, 3, 32, 32, generator=g) * 2 - 1
+    return ref, video
+
+
+def test_facesim_is_one_for_a_static_copy_of_the_reference_and_in_unit_range() -> None:
+    ev = _random_evaluator()
+    ref, video = _videos()
+    static = FaceSim(ev)
+    static.update(ref, ref[:, None].expand(-1, 4, -1, -1, -1))
+    assert float(static.compute()) == pytest.approx(1.0, abs=1e-5)
+    other = FaceSim(ev)
+    other.update(ref, video)
+    value = float(other.compute())
+    assert 0.0 <= value < 1.0
+
+
+def test_facesim_averages_over_clips_across_updates() -> None:
+    ev = _random_evaluator()
+    ref, video = _videos(b=4)
+    whole = FaceSim(ev)
+    whole.update(ref, video)
+    split = FaceSim(ev)
+    split.update(ref[:1], video[:1])
+    split.update(ref[1:], video[1:])
+    assert float(split.compute()) == pytest.approx(float(whole.compute()), abs=1e-6)
+
+
+def test_facesim_keeps_evaluator_frozen_in_train_mode() -> None:
+    ev = _random_evaluator()
+    metric = FaceSim(ev)
+    metric.train()  # what Lightning does to every submodule during fit
+    assert not ev.training
+    assert not any(p.requires_grad for p in ev.parameters())
+    ref, video = _videos(b=2)
+    metric.update(ref, video)  # batch norm in train mode would also change the running stats
+    first = float(metric.compute())
+    metric.reset()
+    metric.update(ref, video)
+    assert float(metric.compute()) == pytest.approx(first, abs=1e-6)
+
+
+def test_band_metrics_reject_an_evaluator_of_another_band() -> None:
+    with pytest.raises(ValueError, match="band 'low'"):
+        FaceSimLow(_random_evaluator("high"))
+    with pytest.raises(ValueError, match="band 'high'"):
+        FaceSimHigh(_random_evaluator("full"))
+    FaceSimLow(_random_evaluator("low"))
+    FaceSimHigh(_random_evaluator("high"))
+
+
+def test_facesim_rejects_bad_shapes() -> None:
+    ref, video = _videos(b=2)
+    metric = FaceSim(_random_evaluator())
+    with pytest.raises(ValueError, match="video must be"):
+        metric.update(ref, video[:, 0])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        metric.update(ref[:1], video)
+
+
+def test_identity_drift_zero_for_static_video_and_positive_when_frames_change() -> None:
+    ev = _random_evaluator()
+    ref, video = _videos(b=2, f=5)
+    static = IdentityDrift(ev)
+    static.update(ref, ref[:, None].expand(-1, 5, -1, -1, -1))
+    assert float(static.compute()) == pytest.approx(0.0, abs=1e-5)
+    moving = IdentityDrift(ev)
+    moving.update(ref, video)
+    assert float(moving.compute()) > 1e-3
+
+
+def test_face_fid_near_zero_against_itself_and_grows_with_a_shift() -> None:
+    ev = _random_evaluator()
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(64, 3, 32, 32, generator=g) * 2 - 1
+    same = FaceFID(ev)
+    same.update(real, real)
+    self_fid = float(same.compute())
+    assert abs(self_fid) < 1e-3
+    scores = []
+    for shift in (0.2, 0.6):
+        fid = FaceFID(ev)
+        fid.update(real, (real + shift).clamp(-1, 1))
+        scores.append(float(fid.compute()))
+    assert self_fid < scores[0] < scores[1]
+
+
+def test_face_fid_accepts_videos_and_is_dataset_level() -> None:
+    ev = _random_evaluator()
+    ref, video = _videos(b=4, f=5)
+    fid = FaceFID(ev)
+    fid.update(video[:2], None)
+    fid.update(None, video[2:])
+    fid.update(video[2:], None)
+    assert int(fid.real_features_num_samples) == 20
+    assert int(fid.fake_features_num_samples) == 10
+    assert np.isfinite(float(fid.compute()))
+
+
+# --- behaviour on real benchmark clips with a briefly trained evaluator ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_low_evaluator():
+    """A small low-band evaluator trained for a few seconds on "evaluator"-split identities (the low band is
+    the quickest to learn; a small margin converges in few steps)."""
+    pytest.importorskip("consisid_lab.data.synthetic")
+    from consisid_lab.data.synthetic import SyntheticConfig
+    from consisid_lab.encoders.training import Recipe, render_pool, train_margin_net
+
+    recipe = Recipe(
+        name="metrics-test",
+        evaluator_identities=32,
+        videos_per_identity=6,
+        frames_per_video=1,
+        batch_size=64,
+        low_steps=120,
+        arc_margin=0.1,
+        render_workers=1,
+    )
+    pool = render_pool(SyntheticConfig(), "evaluator", recipe.evaluator_identities, recipe)
+    torch.manual_seed(0)
+    net = EvaluatorNet(EvaluatorConfig(band="low", image_size=32, widths=(16, 32, 64), embed_dim=64))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_margin_net(net, pool, recipe, recipe.low_steps, seed=0, band="low")
+    finally:
+        torch.set_num_threads(previous)
+    return net.eval()
+
+
+def _test_clips(n: int, video_offset: int):
+    from consisid_lab.data.synthetic import SyntheticConfig, identity_seed, make_clip
+
+    cfg = SyntheticConfig()
+    refs, videos = [], []
+    for i in range(n):
+        clip = make_clip(cfg, identity_seed("test", i), video_offset + i)
+        refs.append(torch.from_numpy(clip.ref_face).permute(2, 0, 1) * 2 - 1)
+        videos.append(torch.from_numpy(clip.frames).permute(0, 3, 1, 2) * 2 - 1)
+    return torch.stack(refs), torch.stack(videos)
+
+
+def test_facesim_real_clips_score_higher_than_identity_shuffled(trained_low_evaluator) -> None:
+    refs, _ = _test_clips(8, video_offset=100)
+    _, videos = _test_clips(8, video_offset=200)  # same held-out identities, other videos
+    matched = FaceSimLow(trained_low_evaluator)
+    matched.update(refs, videos)
+    shuffled = FaceSimLow(trained_low_evaluator)
+    shuffled.update(refs, videos.roll(1, dims=0))  # every reference meets another identity's video
+    assert float(matched.compute()) > float(shuffled.compute()) + 0.08
+    drift = IdentityDrift(trained_low_evaluator)
+    drift.update(refs, videos)
+    cross = IdentityDrift(trained_low_evaluator)
+    cross.update(refs, videos.transpose(0, 1))  # each "video" now holds one frame of every identity
+    assert float(drift.compute()) < float(cross.compute())
