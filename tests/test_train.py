@@ -150,6 +150,7 @@ def test_eval_task_reproduces_test_metrics(train_cfg, tmp_path, standin_cache):
         )
     with open_dict(ecfg):
         ecfg.hydra.runtime.output_dir = str(tmp_path / "eval")
+        ecfg.hydra.job.num = 0
     HydraConfig.instance().set_config(ecfg)
     evaluated = evaluate(ecfg)
     # Same weights (the EMA stored in the checkpoint), same test clips, same sampling seeds: same numbers.
