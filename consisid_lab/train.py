@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from consisid_lab.utils.instantiate import instantiate, to_container
 from consisid_lab.utils.run import (
     RunRecord,
     close_loggers,
@@ -17,7 +18,6 @@ from consisid_lab.utils.run import (
     resolve_ckpt_path,
     seed_everything,
 )
-from consisid_lab.utils.instantiate import instantiate, to_container
 
 log = logging.getLogger(__name__)
 

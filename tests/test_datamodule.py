@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from itertools import islice
-
 import json
 import logging
 from dataclasses import fields
+from itertools import islice
 
 import numpy as np
 import pytest

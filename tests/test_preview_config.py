@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
 from consisid_lab.utils.instantiate import instantiate
-
-from conftest import CONF
 
 
 def test_consisid_preview_config_has_the_released_sizes():

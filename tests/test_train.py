@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, ROOT, TINY_OVERRIDES
 from hydra.errors import ConfigCompositionException
 
 from consisid_lab.train import train
-
-from conftest import CONF, ROOT, TINY_OVERRIDES
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
@@ -145,7 +145,11 @@ def test_eval_task_reproduces_test_metrics(train_cfg, tmp_path, standin_cache):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         ecfg = compose(
             "eval",
-            overrides=[f"ckpt_path={cfg.paths.output_dir}", f"paths.cache_dir={standin_cache}", "standins_recipe=tiny"],
+            overrides=[
+                f"ckpt_path={cfg.paths.output_dir}",
+                f"paths.cache_dir={standin_cache}",
+                "standins_recipe=tiny",
+            ],
             return_hydra_config=True,
         )
     with open_dict(ecfg):
@@ -217,9 +221,9 @@ def test_lora_and_identity_only_train_the_declared_sets(train_cfg):
     lora = instantiate(train_cfg("+experiment=lora").model)
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in trainable)
-    assert all(
-        "lora_" in n or n.startswith(("fuser.", "backbone.injector.", "text_encoder.")) for n in trainable
-    ), trainable
+    assert all("lora_" in n or n.startswith(("fuser.", "backbone.injector.", "text_encoder.")) for n in trainable), (
+        trainable
+    )
     ident = instantiate(train_cfg("+experiment=identity_only").model)
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("backbone.") else "")
                  for n, p in ident.named_parameters() if p.requires_grad}  # fmt: skip

@@ -33,8 +33,7 @@ class ResumableSampler(Sampler[int]):
         remaining = self.length
         while remaining > 0:
             perm = self._permutation(epoch)[offset:]
-            for idx in perm[:remaining].tolist():
-                yield idx
+            yield from perm[:remaining].tolist()
             remaining -= len(perm)
             epoch, offset = epoch + 1, 0
 

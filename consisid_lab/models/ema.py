@@ -38,7 +38,9 @@ class TrainableEMA(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = self._trainable(pl_module)
         # Keep shadows restored from a checkpoint; start fresh for parameters that have none yet.
-        self.shadow = {n: self.shadow[n].to(p.device) if n in self.shadow else p.detach().clone() for n, p in params.items()}
+        self.shadow = {
+            n: self.shadow[n].to(p.device) if n in self.shadow else p.detach().clone() for n, p in params.items()
+        }
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

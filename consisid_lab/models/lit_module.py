@@ -207,9 +207,7 @@ class IdentityVideoModule(pl.LightningModule):
             intra, cross = c[f"id_{kind}/{name}"], c.get(f"ref_id_{kind}/{name}", c[f"id_{kind}/{name}"])
             return torch.where(use_cross.view(-1, *([1] * (intra.ndim - 1))), cross, intra)
 
-        return IdentityFeatures(
-            vectors={n: pick("vec", n) for n in vec}, tokens={n: pick("tok", n) for n in tok}
-        )
+        return IdentityFeatures(vectors={n: pick("vec", n) for n in vec}, tokens={n: pick("tok", n) for n in tok})
 
     def identity_conditions(
         self, face: Tensor, kps: Tensor, num_latent_frames: int, feats: IdentityFeatures | None = None
@@ -537,6 +535,7 @@ def _build_fuser(cfg: DictConfig | dict, local_encoder: Any) -> torch.nn.Module:
             "pick model/fuser=mlp or a local encoder with tokens (clip, or arcface_layer=penultimate)"
         )
     if target.endswith("ConcatFuser"):
-        return instantiate(cfg, id_dim=vector_dim, token_dims=token_dims, vector_dims=list(local_encoder.vector_dims.values()))
+        return instantiate(
+            cfg, id_dim=vector_dim, token_dims=token_dims, vector_dims=list(local_encoder.vector_dims.values())
+        )
     return instantiate(cfg, id_dim=vector_dim, token_dims=token_dims)
-

@@ -66,7 +66,9 @@ class StandInLocalEncoder(LocalEncoder):
     ) -> None:
         super().__init__()
         if not (arcface or clip):
-            raise ValueError("StandInLocalEncoder needs arcface=True or clip=True; for no local route use model/local_encoder=none")
+            raise ValueError(
+                "StandInLocalEncoder needs arcface=True or clip=True; for no local route use model/local_encoder=none"
+            )
         if arcface_layer not in ("last", "penultimate"):
             raise ValueError(f"arcface_layer must be 'last' or 'penultimate', got {arcface_layer!r}")
         from consisid_lab.encoders.recipes import named_recipe

@@ -73,7 +73,9 @@ class Stage:
     def end_step(self, max_steps: int) -> int:
         if self.until <= 1.0:
             if max_steps is None or max_steps < 0:
-                raise ValueError(f"stage {self.name!r} uses a fraction until={self.until} but trainer.max_steps is unset")
+                raise ValueError(
+                    f"stage {self.name!r} uses a fraction until={self.until} but trainer.max_steps is unset"
+                )
             return round(self.until * max_steps)
         return int(self.until)
 

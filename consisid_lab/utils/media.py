@@ -54,7 +54,10 @@ def log_videos(loggers: list, key: str, samples: dict[str, Tensor], step: int, f
         if name == "WandbLogger":
             import wandb
 
-            paths = [write_mp4(video[i], Path(save_dir) / "media" / f"{key.replace('/', '_')}_{step}_{i}.mp4", fps) for i in range(video.shape[0])]
+            paths = [
+                write_mp4(video[i], Path(save_dir) / "media" / f"{key.replace('/', '_')}_{step}_{i}.mp4", fps)
+                for i in range(video.shape[0])
+            ]
             lg.experiment.log(
                 {key: [wandb.Video(str(p), format="mp4") for p in paths], f"{key}_sheet": wandb.Image(sheet)},
                 step=step,

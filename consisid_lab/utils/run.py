@@ -104,7 +104,12 @@ class RunRecord:
     def start(cls, cfg: DictConfig) -> RunRecord:
         out = output_dir()
         out.mkdir(parents=True, exist_ok=True)
-        rec = cls(path=out / "metrics.json", experiment=str(cfg.get("experiment_name")), seed=int(cfg.get("seed", 0)), started=time.time())
+        rec = cls(
+            path=out / "metrics.json",
+            experiment=str(cfg.get("experiment_name")),
+            seed=int(cfg.get("seed", 0)),
+            started=time.time(),
+        )
         OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
         rec.write("running")
         return rec
