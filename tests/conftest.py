@@ -21,6 +21,7 @@ TINY_OVERRIDES = [
     "data.width=32",
     "model.backbone.config.num_layers=2",
     "model.backbone.config.num_attention_heads=2",
+    "model.backbone.config.attention_head_dim=16",
     "model.backbone.config.sample_frames=5",
     "model.backbone.config.sample_height=8",
     "model.backbone.config.sample_width=8",
