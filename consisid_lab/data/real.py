@@ -52,7 +52,15 @@ from consisid_lab.data.video_io import (
     probe_video,
     read_frames,
 )
-from consisid_lab.faces.analysis import FaceAnalyzer, FaceInfo, FacePolicy, NoFaceError, parse_face, select_face
+from consisid_lab.faces.analysis import (
+    FaceAnalyzer,
+    FaceInfo,
+    FacePolicy,
+    LazyFaceAnalyzer,
+    NoFaceError,
+    parse_face,
+    select_face,
+)
 from consisid_lab.types import VideoBatch
 
 logger = logging.getLogger(__name__)
@@ -337,7 +345,7 @@ def _to_tensor_mask(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(-3).float()
 
 
-class ClipBuilder:
+class ClipBuilder(LazyFaceAnalyzer):
     """Turn one video entry into a training item (decode, sample, resize, analyse, pick references)."""
 
     def __init__(self, sampling: ClipSampling, box_part: str = "face") -> None:
@@ -345,17 +353,6 @@ class ClipBuilder:
         self.sampling = sampling
         self.box_part = box_part
         self._analyzer: FaceAnalyzer | None = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_analyzer"] = None  # MediaPipe graphs are rebuilt in each worker
-        return state
-
-    @property
-    def analyzer(self) -> FaceAnalyzer:
-        if self._analyzer is None:
-            self._analyzer = FaceAnalyzer()
-        return self._analyzer
 
     def build(self, entry: VideoEntry, identity: int, clip_id: int) -> dict:
         """The item of ``entry``; raises :class:`VideoDecodeError` or :class:`NoFaceError` for an unusable one."""

@@ -313,3 +313,24 @@ class FaceAnalyzer:
         """The one face the policy picks; :class:`NoFaceError` naming ``source`` (or the shape) when there is none."""
         image = to_rgb_uint8(image)
         return select_face(self(image), policy, source=describe(image, source))
+
+
+class LazyFaceAnalyzer:
+    """Mixin: a ``FaceAnalyzer`` built on first use and dropped when pickled or deep-copied.
+
+    MediaPipe graphs can be neither pickled nor copied (DataLoader workers, EMA copies), so each process or
+    copy builds its own.
+    """
+
+    _analyzer: FaceAnalyzer | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_analyzer"] = None
+        return state
+
+    @property
+    def analyzer(self) -> FaceAnalyzer:
+        if self._analyzer is None:
+            self._analyzer = FaceAnalyzer()
+        return self._analyzer

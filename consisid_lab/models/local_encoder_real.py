@@ -21,6 +21,7 @@ from consisid_lab.faces.analysis import (
     FaceAnalyzer,
     FaceInfo,
     FacePolicy,
+    LazyFaceAnalyzer,
     align_face,
     parse_face,
     select_face,
@@ -40,7 +41,7 @@ def has_real_weights(arcface_dir: str | None, clip_checkpoint: str | None, clip_
     return bool(arcface_dir) or bool(clip_checkpoint) or bool(clip_random_init)
 
 
-class RealFaceLocalEncoder(LocalEncoder):
+class RealFaceLocalEncoder(LazyFaceAnalyzer, LocalEncoder):
     """ArcFace (insightface ONNX pack) and/or EVA-CLIP (open_clip) behind the :class:`LocalEncoder` interface.
 
     Args:
@@ -100,18 +101,6 @@ class RealFaceLocalEncoder(LocalEncoder):
 
     def train(self, mode: bool = True) -> RealFaceLocalEncoder:
         return super().train(False)  # frozen feature extractor
-
-    def __getstate__(self) -> dict:
-        # MediaPipe graphs cannot be pickled or copied (DataLoader workers, deepcopy for EMA); they are rebuilt lazily.
-        state = self.__dict__.copy()
-        state["_analyzer"] = None
-        return state
-
-    @property
-    def analyzer(self) -> FaceAnalyzer:
-        if self._analyzer is None:
-            self._analyzer = FaceAnalyzer()
-        return self._analyzer
 
     def select(self, image: np.ndarray, source: str | Path | None = None) -> FaceInfo:
         """The one face every encoder sees; :class:`NoFaceError` naming ``source`` when the image holds none."""
