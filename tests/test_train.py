@@ -197,12 +197,19 @@ def test_coarse_to_fine_trains_the_local_route_only_in_the_fine_stage(train_cfg)
     def injector_out(model) -> float:
         return sum(layer.to_out.weight.abs().sum().item() for layer in model.backbone.injector.layers)
 
-    coarse = train_cfg("+experiment=coarse_to_fine", "trainer.max_steps=1", "test=false", "model.stages.0.until=5")
+    coarse = train_cfg(
+        "+experiment=coarse_to_fine", "trainer.max_steps=1", "test=false", "model.stages.0.until=5",
+        "data.num_frames=9", "model.backbone.config.sample_frames=9",
+    )  # fmt: skip
     model = instantiate(coarse.model)
+    seen_frames = []
+    original = model.compute_loss
+    model.compute_loss = lambda batch: (seen_frames.append(batch.video.shape[1]), original(batch))[1]
     block_before = model.backbone.transformer.transformer_blocks[0].ff.net[2].weight.detach().clone()
     trainer = instantiate(coarse.trainer, logger=False, callbacks=[])
     trainer.fit(model, datamodule=instantiate(coarse.data))
     assert injector_out(model) == 0.0, "the zero-initialised injector stays frozen in the coarse stage"
+    assert seen_frames == [5], "the coarse stage trains on its shorter clips"
     assert not torch.equal(block_before, model.backbone.transformer.transformer_blocks[0].ff.net[2].weight)
 
     # until <= 1 is a fraction of max_steps: round(0.34 * 3) = step 1 starts the fine stage.

@@ -13,6 +13,7 @@ Data flow of one training step (shapes symbolic):
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -307,7 +308,28 @@ class IdentityVideoModule(pl.LightningModule):
             m = F.adaptive_max_pool3d(m.transpose(1, 2), (f, h, w)).transpose(1, 2)
         return m
 
+    def _stage_clip(self, batch: VideoBatch) -> VideoBatch:
+        """Shorten clips to the current stage's ``num_frames`` (hierarchical training on short clips first)."""
+        if not self.stages or self._current_stage is None:
+            return batch
+        n = self.stages[self._current_stage].num_frames
+        if n is None or n >= batch.video.shape[1]:
+            return batch
+        self.vae.check_size(n, batch.video.shape[3], batch.video.shape[4])
+        cached = dict(batch.cached)
+        if "latents" in cached:
+            cached["latents"] = cached["latents"][:, : self.vae.num_latent_frames(n)]
+        return replace(
+            batch,
+            video=batch.video[:, :n],
+            kps=batch.kps[:, :n],
+            face_mask=batch.face_mask[:, :n],
+            boxes=batch.boxes[:, :n],
+            cached=cached,
+        )
+
     def training_step(self, batch: VideoBatch, batch_idx: int) -> Tensor | None:
+        batch = self._stage_clip(batch)
         loss, parts = self.compute_loss(batch)
         if not torch.isfinite(loss):
             return self._on_nonfinite(loss, parts, batch)

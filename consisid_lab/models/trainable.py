@@ -57,6 +57,7 @@ class Stage:
     until: float
     trainable: list[str]
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    num_frames: int | None = None  # clip length in this stage (the first frames of each clip); None: all
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Stage:
@@ -68,6 +69,7 @@ class Stage:
             until=float(raw["until"]),
             trainable=list(raw["trainable"]),
             lr_multipliers=dict(raw.get("lr_multipliers") or {}),
+            num_frames=int(raw["num_frames"]) if raw.get("num_frames") is not None else None,
         )
 
     def end_step(self, max_steps: int) -> int:
