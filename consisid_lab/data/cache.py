@@ -51,17 +51,21 @@ _ARRAYS = (
 
 
 @functools.cache
-def _generator_source_hash() -> str:
-    """Hash of the renderer's source: an edited renderer makes every existing entry stale, version bump or not."""
-    from consisid_lab.data import synthetic
+def renderer_source_hash() -> str:
+    """Hash of the renderer's source (generator and its filters): an edited renderer makes every cached clip and
+    every stand-in network trained on rendered faces stale, version bump or not."""
+    from consisid_lab.data import spectral_filters, synthetic
 
-    return hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for module in (synthetic, spectral_filters):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
 
 
 def config_hash(cfg: SyntheticConfig) -> str:
     """SHA-256 (hex) of the generator config, ``GENERATOR_VERSION`` and the renderer's source."""
     payload = json.dumps(
-        {"config": cfg.to_dict(), "generator_version": GENERATOR_VERSION, "source": _generator_source_hash()},
+        {"config": cfg.to_dict(), "generator_version": GENERATOR_VERSION, "source": renderer_source_hash()},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()

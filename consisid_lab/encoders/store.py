@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from consisid_lab.data.cache import renderer_source_hash
 from consisid_lab.encoders.evaluator import BandPairEvaluator, EvaluatorConfig, EvaluatorNet
 from consisid_lab.encoders.identity_net import IdentityNet, IdentityNetConfig
 from consisid_lab.encoders.tiny_clip import TinyClip, TinyClipConfig
@@ -104,16 +105,6 @@ def _plain(obj) -> object:
     return repr(obj)
 
 
-def generator_source_hash() -> str:
-    """Hash of the generator's source: rendering changes make every cached network stale."""
-    from consisid_lab.data import spectral_filters, synthetic
-
-    digest = hashlib.sha256()
-    for module in (synthetic, spectral_filters):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()
-
-
 def entry_key(name: str, spec: EntrySpec, recipe: Recipe, generator_config) -> str:
     payload = {
         "format": FORMAT_VERSION,
@@ -127,7 +118,7 @@ def entry_key(name: str, spec: EntrySpec, recipe: Recipe, generator_config) -> s
         # render_workers changes the speed of a build, not its result
         "recipe": {k: v for k, v in recipe.to_dict().items() if k != "render_workers"},
         "generator": _plain(generator_config),
-        "generator_source": generator_source_hash(),
+        "generator_source": renderer_source_hash(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
