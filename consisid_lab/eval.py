@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from consisid_lab.utils.instantiate import instantiate
-from consisid_lab.utils.run import RunRecord, close_loggers, resolve_ckpt_path, seed_everything
+from consisid_lab.utils.run import recorded_run, resolve_ckpt_path, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ def load_module(ckpt_path: str, use_ema: bool = True):
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    record = RunRecord.start(cfg)
-    loggers: list = []
-    try:
+    with recorded_run(cfg) as record:
         seed_everything(cfg.seed)
         ckpt_path = resolve_ckpt_path(cfg.ckpt_path)
         model = load_module(ckpt_path, use_ema=cfg.get("use_ema", True))
@@ -54,17 +52,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         datamodule = instantiate(data_cfg)
         if model.benchmark_metrics is None and cfg.get("metrics") is not None:
             model.metrics_cfg = OmegaConf.to_container(cfg.metrics, resolve=True)
-        loggers = instantiate(cfg.get("logger")) or []
-        trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[])
+        record.loggers = instantiate(cfg.get("logger")) or []
+        trainer = instantiate(cfg.trainer, logger=record.loggers, callbacks=[])
         with torch.no_grad():
             trainer.test(model, datamodule=datamodule)
         record.finish(trainer.callback_metrics, model.stability)
         return record.metrics
-    except BaseException as err:
-        record.fail(err)
-        raise
-    finally:
-        close_loggers(loggers)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

@@ -10,32 +10,23 @@ import hydra
 from omegaconf import DictConfig
 
 from consisid_lab.utils.instantiate import instantiate, to_container
-from consisid_lab.utils.run import (
-    RunRecord,
-    close_loggers,
-    in_multirun,
-    log_config,
-    resolve_ckpt_path,
-    seed_everything,
-)
+from consisid_lab.utils.run import in_multirun, log_config, recorded_run, resolve_ckpt_path, seed_everything
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one composition; returns the final metrics. Every outcome is written to metrics.json."""
-    record = RunRecord.start(cfg)
-    loggers: list = []
-    try:
+    with recorded_run(cfg) as record:
         seed_everything(cfg.seed)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
         model.run_config = to_container(cfg)
         callbacks = instantiate(cfg.get("callbacks"))
-        loggers = instantiate(cfg.get("logger")) or []
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-        log_config(loggers, cfg)
+        record.loggers = instantiate(cfg.get("logger")) or []
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=record.loggers)
+        log_config(record.loggers, cfg)
         record.set_components(cfg)
 
         if cfg.get("train", True):
@@ -46,11 +37,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.test(model, datamodule=datamodule, ckpt_path=None)
         record.finish(trainer.callback_metrics, model.stability)
         return record.metrics
-    except BaseException as err:
-        record.fail(err)
-        raise
-    finally:
-        close_loggers(loggers)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -7,6 +7,8 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,7 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     stability: dict[str, float] = field(default_factory=dict)
     train_time_s: float | None = None
+    loggers: list = field(default_factory=list)  # closed when the run ends, whatever happens
 
     @classmethod
     def start(cls, cfg: DictConfig) -> RunRecord:
@@ -148,6 +151,20 @@ def _is_scalar(v: Any) -> bool:
     if hasattr(v, "numel"):
         return v.numel() == 1
     return isinstance(v, (int, float))
+
+
+@contextmanager
+def recorded_run(cfg: DictConfig) -> Iterator[RunRecord]:
+    """The run's ``metrics.json`` for its whole life: ``running`` at start, ``failed`` with the error on any
+    exception (re-raised); the loggers put on the record are always closed."""
+    record = RunRecord.start(cfg)
+    try:
+        yield record
+    except BaseException as err:
+        record.fail(err)
+        raise
+    finally:
+        close_loggers(record.loggers)
 
 
 def log_config(loggers: list, cfg: DictConfig) -> None:
