@@ -30,6 +30,7 @@ from consisid_lab.analysis.run_dirs import (
     find_run_dirs,
     is_run_dir,
     read_run,
+    run_cli,
 )
 from consisid_lab.analysis.spectrum import SCALAR_NAMES, SpectrumResult
 
@@ -162,15 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("frequency_analysis"), help="output folder")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per run (default: experiment names)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        paths = analyze(args.run_dirs, args.out, args.labels)
-    except RunDirError as exc:
-        log.error("error: %s", exc)
-        return 2
-    for p in paths:
-        log.info("wrote %s", p)
-    return 0
+    return run_cli(lambda: analyze(args.run_dirs, args.out, args.labels))
 
 
 if __name__ == "__main__":

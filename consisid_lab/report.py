@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from consisid_lab.analysis.run_dirs import SWEEP_HINT, RunDirError, RunInfo, find_run_dirs, read_run
+from consisid_lab.analysis.run_dirs import SWEEP_HINT, RunDirError, RunInfo, find_run_dirs, read_run, run_cli
 from consisid_lab.analysis.spectrum import SCALAR_NAMES
 
 if TYPE_CHECKING:
@@ -263,15 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: SWEEP_DIR)")
     parser.add_argument("--wandb", action="store_true", help="upload the table to W&B (offline without a key)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        paths = report(args.sweep_dir, args.out, args.wandb)
-    except RunDirError as exc:
-        log.error("error: %s", exc)
-        return 2
-    for p in paths:
-        log.info("wrote %s", p)
-    return 0
+    return run_cli(lambda: report(args.sweep_dir, args.out, args.wandb))
 
 
 if __name__ == "__main__":

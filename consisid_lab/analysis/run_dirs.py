@@ -13,6 +13,8 @@ The frequency callback adds ``spectra/generated_faces.npz`` at test end.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,3 +152,17 @@ def read_run(path: Path) -> RunInfo:
         values=values,
         overrides=overrides,
     )
+
+
+def run_cli(produce: Callable[[], list[Path]]) -> int:
+    """Shared tail of the `analyze` / `report` commands: log the written files, or the error with exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("consisid_lab")
+    try:
+        paths = produce()
+    except RunDirError as exc:
+        log.error("error: %s", exc)
+        return 2
+    for p in paths:
+        log.info("wrote %s", p)
+    return 0
