@@ -265,8 +265,6 @@ class IdentityVideoModule(pl.LightningModule):
         return face, kps, use_cross
 
     def compute_loss(self, batch: VideoBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        from consisid_lab.models.diffusion import v_to_x0, weighted_x0_loss
-
         gen = self._step_generator()
         x0 = self._latents(batch)  # (B, f, C, h, w)
         b, f = x0.shape[:2]
@@ -286,18 +284,30 @@ class IdentityVideoModule(pl.LightningModule):
         num_t = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, num_t, (b,), generator=gen).to(self.device)
         noise = torch.randn(x0.shape, generator=gen).to(x0)
-        x_t = self.noise_scheduler.add_noise(x0, noise, t)
-        v = self.denoise(x_t, t, text, g, tokens)
-        x0_hat = v_to_x0(self.noise_scheduler, x_t, v, t)
-        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)[t]  # (B,)
-
         alpha = float(self.loss_cfg.get("mask_prob", 0.5))
         use_mask = torch.rand((), generator=gen).item() < alpha
         mask = self._latent_mask(batch.face_mask, x0.shape) if use_mask else None
-        per_sample = weighted_x0_loss(x0_hat, x0, alphas_cumprod, mask=mask)  # (B,)
-        loss = per_sample.mean()
+        loss = self._denoising_loss(x0, noise, t, text, g, tokens, mask).mean()
         parts = {"loss": loss.detach(), "mask_loss_on": torch.tensor(float(use_mask))}
         return loss, parts
+
+    def _denoising_loss(
+        self,
+        x0: Tensor,
+        noise: Tensor,
+        t: Tensor,
+        text: Tensor,
+        g: Tensor | None,
+        tokens: Tensor | None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Per-sample x0-reconstruction loss ``(B,)`` weighted by 1 / (1 - alpha_bar_t) (the v-loss, exactly)."""
+        from consisid_lab.models.diffusion import v_to_x0, weighted_x0_loss
+
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        x0_hat = v_to_x0(self.noise_scheduler, x_t, self.denoise(x_t, t, text, g, tokens), t)
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)[t]  # (B,)
+        return weighted_x0_loss(x0_hat, x0, alphas_cumprod, mask=mask)
 
     def _latent_mask(self, face_mask: Tensor, latent_shape: torch.Size) -> Tensor:
         """Face mask ``(B, F, 1, H, W)`` -> latent grid ``(B, f, 1, h, w)`` (any pixel of a cell counts)."""
@@ -428,17 +438,12 @@ class IdentityVideoModule(pl.LightningModule):
         x0 = self._latents(batch)
         text = self.encode_text(list(batch.caption))
         g, tokens, _ = self.identity_conditions(batch.ref_face, batch.ref_kps, x0.shape[1])
-        from consisid_lab.models.diffusion import v_to_x0, weighted_x0_loss
-
         losses = []
         num_t = self.noise_scheduler.config.num_train_timesteps
         for frac in (0.1, 0.5, 0.9):
             t = torch.full((x0.shape[0],), int(frac * (num_t - 1)), device=self.device, dtype=torch.long)
             noise = torch.randn(x0.shape, generator=gen).to(x0)
-            x_t = self.noise_scheduler.add_noise(x0, noise, t)
-            x0_hat = v_to_x0(self.noise_scheduler, x_t, self.denoise(x_t, t, text, g, tokens), t)
-            ac = self.noise_scheduler.alphas_cumprod.to(self.device)[t]
-            losses.append(weighted_x0_loss(x0_hat, x0, ac).mean())
+            losses.append(self._denoising_loss(x0, noise, t, text, g, tokens).mean())
         self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=batch.batch_size, sync_dist=True)
 
         max_batches = int(self.sampling_cfg.get(f"{prefix}_batches", 1))
