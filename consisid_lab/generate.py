@@ -1,4 +1,4 @@
-"""Generation task: ``python -m consisid_lab.generate model_path=DIR|ckpt_path=CKPT face=PHOTO prompt="..."``.
+"""Generation task: ``python -m consisid_lab.generate model_path=DIR|ckpt_path=RUN_DIR face=PHOTO 'prompt="..."'``.
 
 face photo + prompt -> identity features -> explicit sampling loop with classifier-free guidance -> VAE decode ->
 ``video.mp4`` and ``contact_sheet.png`` in the Hydra output dir.
@@ -8,15 +8,24 @@ Two sources of models:
   (:mod:`consisid_lab.models.published`); identity features from its ArcFace + EVA-CLIP face encoders. The
   sampling path reproduces diffusers' ``ConsisIDPipeline`` step for step (same random draws in the same order:
   image-latent posterior sample, initial noise, the solver's per-step noise), see :func:`sample_published`.
-- ``ckpt_path``: one of our training checkpoints; the face is cropped around the detected face, resized to the
-  video size, and run through the checkpoint's own identity components.
+- ``ckpt_path``: one of our training runs (its directory, or a checkpoint file); the model is rebuilt from the
+  checkpoint's stored hyper-parameters (its own codec included), the reference face is a photo placed as the run's
+  references were, or ``face=benchmark:<i>``, a held-out identity of the synthetic benchmark
+  (:mod:`consisid_lab.data.reference_faces`), and it runs through the checkpoint's own identity components.
+
+Video size, frame count, steps and guidance left at ``null`` are the model's own: for a training checkpoint what
+its run trained and sampled with, for a published model the released pipeline's (``published`` in
+``conf/generate.yaml``). After the first denoising step one log line says what is being generated and how long it
+will take on this device; progress follows in the log (and as a bar in the terminal with ``progress=true``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +58,83 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch_dtype(name)
 
 
-def check_video_size(codec: Any, patch_size: int, num_frames: int, height: int, width: int) -> None:
-    """``ValueError`` naming the valid values when the VAE or the DiT's patching cannot take this size."""
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What one generation samples: the video size and the sampler's settings."""
+
+    num_frames: int
+    height: int
+    width: int
+    num_steps: int
+    guidance_scale: float
+    use_dynamic_cfg: bool
+
+    @property
+    def size(self) -> dict[str, int]:
+        return {"num_frames": self.num_frames, "height": self.height, "width": self.width}
+
+    @property
+    def guidance(self) -> dict[str, Any]:
+        return {
+            "num_steps": self.num_steps,
+            "guidance_scale": self.guidance_scale,
+            "use_dynamic_cfg": self.use_dynamic_cfg,
+        }
+
+    def describe(self) -> str:
+        if self.guidance_scale > 1.0:
+            cfg = f"guidance {self.guidance_scale:g}{' (dynamic)' if self.use_dynamic_cfg else ''}"
+        else:
+            cfg = "no guidance"
+        return f"{self.num_frames} frames of {self.height} x {self.width}, {self.num_steps} steps, {cfg}"
+
+
+SETTINGS = tuple(f.name for f in fields(SamplingSettings))
+
+
+def sampling_settings(cfg: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> SamplingSettings:
+    """Each setting from the command line where it is given (not ``null``), else the model's own ``defaults``."""
+    given = {k: cfg.get(k) for k in SETTINGS if cfg.get(k) is not None}
+    values = {k: given.get(k, defaults.get(k)) for k in SETTINGS}
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise ValueError(
+            f"{source} does not say which {', '.join(missing)} to sample with; pass "
+            + " ".join(f"{k}=..." for k in missing)
+        )
+    settings = SamplingSettings(
+        num_frames=int(values["num_frames"]),
+        height=int(values["height"]),
+        width=int(values["width"]),
+        num_steps=int(values["num_steps"]),
+        guidance_scale=float(values["guidance_scale"]),
+        use_dynamic_cfg=bool(values["use_dynamic_cfg"]),
+    )
+    if settings.num_steps < 1:
+        raise ValueError(f"num_steps={settings.num_steps} must be >= 1")
+    inherited = [f"{k}={values[k]}" for k in SETTINGS if k not in given]
+    log.info(
+        "sampling settings from %s: %s; from the command line: %s",
+        source,
+        " ".join(inherited) or "none",
+        " ".join(f"{k}={v}" for k, v in given.items()) or "none",
+    )
+    return settings
+
+
+def check_video_size(
+    codec: Any, patch_size: int, num_frames: int, height: int, width: int, note: str = "480 x 720 as released"
+) -> None:
+    """``ValueError`` naming the valid values when the VAE or the DiT's patching cannot take this size
+    (``note``: the model's own size, named next to the suggestion)."""
     codec.check_size(num_frames, height, width)  # frames (CogVideoX: 8k+1) and the VAE's spatial factor
     step = codec.spatial_factor * patch_size
     for axis, size in (("height", height), ("width", width)):
         if size % step:
+            below = max(step, size // step * step)
             raise ValueError(
                 f"{axis}={size} is not a multiple of {step} (VAE factor {codec.spatial_factor} x patch size "
-                f"{patch_size}); use e.g. {max(step, round(size / step) * step)} (480 x 720 as released)"
+                f"{patch_size}); use a multiple of {step}, e.g. {below} or {below + step} ({note})"
             )
 
 
@@ -178,8 +255,6 @@ def sample_published(
             id_cond=idc.repeat(reps, 1) if idc is not None else None,
             id_vit_hidden=[v.repeat(reps, 1, 1) for v in vit] if vit else None,
         )
-        if on_step is not None:
-            on_step()
         return out
 
     with on_device(denoiser, device, cpu_offload):
@@ -197,6 +272,7 @@ def sample_published(
             cfg_batching=True,
             device=device,
             dtype=dtype,
+            on_step=on_step,
         )  # (B, f, C, h, w), float32
     if not decode:
         return x0
@@ -215,23 +291,18 @@ def encode_prompts(
 
 
 # ------------------------------------------------------------------------------------------ training checkpoints
-def face_crop(photo: np.ndarray, size: tuple[int, int], source: str | None = None) -> tuple[Tensor, Tensor]:
-    """The largest face of ``photo`` as a square crop (twice the face box) resized to ``size`` = (H, W):
-    ``(1, 3, H, W)`` in [-1, 1] and its keypoints ``(1, 5, 2)`` in the crop's pixels."""
-    from PIL import Image
-
-    from consisid_lab.faces.analysis import FaceAnalyzer
-
-    with FaceAnalyzer() as analyzer:
-        face = analyzer.analyze(photo, source=source)  # NoFaceError when there is none
-    cx, cy = face.center
-    half = max(face.box[2] - face.box[0], face.box[3] - face.box[1])  # crop side = 2 x the face box
-    box = (cx - half, cy - half, cx + half, cy + half)
-    height, width = size
-    crop = Image.fromarray(photo).crop(tuple(int(round(v)) for v in box)).resize((width, height), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-    kps = (face.kps - np.array(box[:2])) * np.array([width, height]) / (2 * half)
-    return x, torch.from_numpy(kps.astype(np.float32))[None]
+def checkpoint_defaults(module: Any) -> dict[str, Any]:
+    """A training checkpoint's own settings: the video size of its run's data (``run_config.data``) and the
+    sampler settings it validated and tested with (``model.sampling``, stored in its hyper-parameters)."""
+    data = (module.run_config or {}).get("data") or {}
+    sampling = module.sampling_cfg
+    return {
+        **{k: data[k] for k in ("num_frames", "height", "width") if data.get(k) is not None},
+        # the defaults of IdentityVideoModule.generate, which validation and test sample with
+        "num_steps": sampling.get("num_steps", 10),
+        "guidance_scale": sampling.get("guidance_scale", 1.0),
+        "use_dynamic_cfg": sampling.get("use_dynamic_cfg", False),
+    }
 
 
 @torch.no_grad()
@@ -252,7 +323,11 @@ def sample_checkpoint(
     dtype: torch.dtype,
     on_step: StepCallback | None = None,
 ) -> Tensor:
-    """A video ``(1, F, 3, H, W)`` in [-1, 1] from one of our ``IdentityVideoModule`` checkpoints."""
+    """A video ``(1, F, 3, H, W)`` in [-1, 1] from one of our ``IdentityVideoModule`` checkpoints.
+
+    ``face`` ``(1, 3, H, W)`` in [-1, 1] and ``kps`` ``(1, 5, 2)``: the reference at the video size
+    (:func:`consisid_lab.data.reference_faces.reference_face`).
+    """
     module = module.to(device).eval()
     codec = module.vae
     check_video_size(codec, module.backbone.patch_size, num_frames, height, width)
@@ -263,10 +338,7 @@ def sample_checkpoint(
     uncond = module.encode_text([negative_prompt]).float() if do_cfg else None
 
     def model_fn(x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        out = module.denoise(x_t, t, cond["text"].to(x_t.dtype), g, tokens)
-        if on_step is not None:
-            on_step()
-        return out
+        return module.denoise(x_t, t, cond["text"].to(x_t.dtype), g, tokens)
 
     # Our checkpoints hold float32 weights: reduced precision runs as autocast, the solver state stays float32.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -282,17 +354,77 @@ def sample_checkpoint(
             use_dynamic_cfg=use_dynamic_cfg and do_cfg,
             generator=generator,
             device=device,
+            on_step=on_step,
         )
     return codec.decode(x0.to(text.dtype)).float().clamp(-1, 1)
 
 
 # --------------------------------------------------------------------------------------------------- the task
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class SamplingProgress:
+    """Progress of one sampling run, called once per denoising step.
+
+    After the first step one log line says what is being generated (``plan``) and how long all ``total`` steps
+    will take on this device, from the timed first step; then a line every fifth of the way or every
+    ``REPORT_SECONDS`` (the log file shows progress, not only the terminal). With ``bar`` a Rich progress bar runs
+    in the terminal as well.
+    """
+
+    REPORTS = 5
+    REPORT_SECONDS = 30.0
+
+    def __init__(self, plan: str, total: int, device: torch.device, bar: bool = False) -> None:
+        self.plan, self.total, self.device, self.bar = plan, int(total), device, bar
+        self.done = 0
+        self.every = max(1, -(-self.total // self.REPORTS))
+        self.start = self.last_report = time.perf_counter()
+        self._advance: StepCallback | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> SamplingProgress:
+        if self.bar:
+            self._advance = self._stack.enter_context(progress_bar(self.total))
+        log.info("denoising on %s: timing the first of %d steps", self.device, self.total)
+        self.start = self.last_report = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def __call__(self) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        elapsed = now - self.start
+        if self._advance is not None:
+            self._advance()
+        if self.done == 1:
+            log.info(
+                "%s: about %s on %s (%s for the first of %d steps), plus decoding",
+                self.plan, format_seconds(elapsed * self.total), self.device, format_seconds(elapsed), self.total,
+            )  # fmt: skip
+        elif self.done == self.total or self.done % self.every == 0 or now - self.last_report >= self.REPORT_SECONDS:
+            left = elapsed / self.done * (self.total - self.done)
+            log.info(
+                "step %d/%d, %s elapsed, about %s left",
+                self.done, self.total, format_seconds(elapsed), format_seconds(left),
+            )  # fmt: skip
+        else:
+            return
+        self.last_report = now
+
+
 @contextlib.contextmanager
-def progress_bar(total: int, enabled: bool = True) -> Iterator[StepCallback]:
+def progress_bar(total: int) -> Iterator[StepCallback]:
     """A Rich progress bar over the denoising steps; yields the per-step callback."""
-    if not enabled:
-        yield lambda: None
-        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -301,97 +433,132 @@ def progress_bar(total: int, enabled: bool = True) -> Iterator[StepCallback]:
         yield lambda: bar.advance(task)
 
 
-def write_outputs(video: Tensor, out_dir: Path, fps: int) -> dict[str, Path]:
-    """``video.mp4`` and ``contact_sheet.png`` (8 evenly spaced frames) of one video ``(F, 3, H, W)``."""
+def write_outputs(video: Tensor, out_dir: Path, fps: int, reference: Tensor | None = None) -> dict[str, Path]:
+    """``video.mp4`` and ``contact_sheet.png`` (8 evenly spaced frames) of one video ``(F, 3, H, W)``, and
+    ``reference.png``, the reference face ``(3, H, W)`` the model saw, when given."""
     import imageio.v3 as iio
 
-    from consisid_lab.utils.media import contact_sheet, write_mp4
+    from consisid_lab.utils.media import contact_sheet, to_uint8_frames, write_mp4
 
     out_dir.mkdir(parents=True, exist_ok=True)
     mp4 = write_mp4(video, out_dir / "video.mp4", fps=fps)
     idx = torch.linspace(0, video.shape[0] - 1, min(8, video.shape[0])).round().long()
     png = out_dir / "contact_sheet.png"
     iio.imwrite(png, contact_sheet([video[idx]]))
-    return {"video": mp4, "contact_sheet": png}
+    files = {"video": mp4, "contact_sheet": png}
+    if reference is not None:
+        files["reference"] = out_dir / "reference.png"
+        iio.imwrite(files["reference"], to_uint8_frames(reference[None])[0])
+    return files
+
+
+def generate_published(
+    cfg: DictConfig, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """A video ``(1, F, 3, H, W)`` and the face image ``(3, h, w)`` from the published model at ``model_path``."""
+    from consisid_lab.data.reference_faces import benchmark_identity
+    from consisid_lab.faces.analysis import load_image
+    from consisid_lab.models.published import PublishedFaceEncoder, load_published
+
+    if benchmark_identity(str(cfg.face)) is not None:
+        raise ValueError(
+            f"face={cfg.face} picks a synthetic-benchmark identity, which only our training checkpoints "
+            "(ckpt_path=RUN_DIR) know; a published model takes a face photo (face=path/to/photo.png)"
+        )
+    settings = sampling_settings(cfg, cfg.published, "the released pipeline (published)")
+    model = load_published(cfg.model_path, dtype=dtype, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
+    # Validate the size before the face encoders run: a bad size fails in a second, not after a minute.
+    check_video_size(model.vae, model.denoiser.backbone.patch_size, **settings.size)
+    photo = load_image(cfg.face)
+    encoder = PublishedFaceEncoder(model.root, **dict(cfg.face_encoder))
+    try:
+        # NoFaceError (a ValueError) when the photo has no face; raised before anything is written.
+        ref = encoder(photo, source=str(cfg.face))
+    finally:
+        encoder.close()
+    log.info("face found; id_cond %s, %d CLIP scales", tuple(ref.id_cond.shape), len(ref.id_vit_hidden))
+    # T5 visits the GPU only to encode the two prompts (its 4.7 B parameters are not needed afterwards).
+    prompt, negative = encode_prompts(model.text_encoder, cfg.prompt, cfg.negative_prompt, device, offload=True)
+    if not cfg.cpu_offload:
+        model.denoiser.to(device)
+        model.vae.to(device)
+    face_image = ((ref.image[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    plan = f"generating {settings.describe()} from {cfg.model_path} with the face in {Path(str(cfg.face)).name}"
+    with SamplingProgress(plan, settings.num_steps, device, bar=cfg.progress) as progress:
+        video = sample_published(
+            model,
+            face_image,
+            ref.id_cond.to(dtype),
+            [t.to(dtype) for t in ref.id_vit_hidden],
+            prompt.to(dtype),
+            negative.to(dtype),
+            **settings.size,
+            **settings.guidance,
+            generator=generator,
+            # is_kps models: drawn on the face image at the photo's keypoint coordinates, as released
+            kps=ref.kps,
+            device=device,
+            dtype=dtype,
+            cpu_offload=cfg.cpu_offload,
+            on_step=progress,
+        )
+    return video, ref.image[0].float()
+
+
+def generate_from_checkpoint(
+    cfg: DictConfig, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """A video ``(1, F, 3, H, W)`` and its reference face ``(3, H, W)`` from the training run at ``ckpt_path``."""
+    from consisid_lab.data.reference_faces import reference_face
+    from consisid_lab.eval import load_module
+    from consisid_lab.utils.run import resolve_ckpt_path
+
+    ckpt = resolve_ckpt_path(cfg.ckpt_path)
+    # Built from the checkpoint's stored hyper-parameters: its own codec, encoders and backbone.
+    module = load_module(ckpt)
+    defaults = checkpoint_defaults(module)
+    settings = sampling_settings(cfg, defaults, f"the checkpoint {ckpt}")
+    trained = f"{defaults.get('height', '?')} x {defaults.get('width', '?')} as trained"
+    check_video_size(module.vae, module.backbone.patch_size, **settings.size, note=trained)
+    data_cfg = (module.run_config or {}).get("data")
+    ref = reference_face(str(cfg.face), data_cfg, settings.height, settings.width)
+    plan = f"generating {settings.describe()} ({type(module.vae).__name__}) from {ckpt} with {ref.description}"
+    with SamplingProgress(plan, settings.num_steps, device, bar=cfg.progress) as progress:
+        video = sample_checkpoint(
+            module,
+            ref.face,
+            ref.kps,
+            cfg.prompt,
+            cfg.negative_prompt,
+            **settings.size,
+            **settings.guidance,
+            generator=generator,
+            device=device,
+            dtype=dtype,
+            on_step=progress,
+        )
+    return video, ref.face[0]
 
 
 def generate(cfg: DictConfig) -> dict[str, Path]:
     """Run the task for a composed config; returns the written files."""
-    from consisid_lab.faces.analysis import load_image
-
     if (cfg.model_path is None) == (cfg.ckpt_path is None):
-        raise ValueError("pass exactly one of model_path=DIR (published model) or ckpt_path=CKPT (our checkpoint)")
+        raise ValueError(
+            "pass exactly one of model_path=DIR (a published model) or ckpt_path=RUN_DIR (one of our training "
+            "runs, or a .ckpt file of one)"
+        )
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    out_dir = Path(cfg.output_dir)
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
-    sizes = {"num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}
-    guidance = {
-        "num_steps": cfg.num_steps,
-        "guidance_scale": cfg.guidance_scale,
-        "use_dynamic_cfg": cfg.use_dynamic_cfg,
-    }
+    start = time.perf_counter()
     if cfg.model_path is not None:
-        from consisid_lab.models.published import PublishedFaceEncoder, load_published
-
-        model = load_published(cfg.model_path, dtype=dtype, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
-        # Validate the size before the face encoders run: a bad size fails in a second, not after a minute.
-        check_video_size(model.vae, model.denoiser.backbone.patch_size, **sizes)
-        photo = load_image(cfg.face)
-        encoder = PublishedFaceEncoder(model.root, **dict(cfg.face_encoder))
-        try:
-            # NoFaceError (a ValueError) when the photo has no face; raised before anything is written.
-            ref = encoder(photo, source=str(cfg.face))
-        finally:
-            encoder.close()
-        log.info("face found; id_cond %s, %d CLIP scales", tuple(ref.id_cond.shape), len(ref.id_vit_hidden))
-        # T5 visits the GPU only to encode the two prompts (its 4.7 B parameters are not needed afterwards).
-        prompt, negative = encode_prompts(model.text_encoder, cfg.prompt, cfg.negative_prompt, device, offload=True)
-        if not cfg.cpu_offload:
-            model.denoiser.to(device)
-            model.vae.to(device)
-        face_image = ((ref.image[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        with progress_bar(int(cfg.num_steps), cfg.progress) as step:
-            video = sample_published(
-                model,
-                face_image,
-                ref.id_cond.to(dtype),
-                [t.to(dtype) for t in ref.id_vit_hidden],
-                prompt.to(dtype),
-                negative.to(dtype),
-                **sizes,
-                **guidance,
-                generator=generator,
-                # is_kps models: drawn on the face image at the photo's keypoint coordinates, as released
-                kps=ref.kps,
-                device=device,
-                dtype=dtype,
-                cpu_offload=cfg.cpu_offload,
-                on_step=step,
-            )
+        video, reference = generate_published(cfg, device, dtype, generator)
     else:
-        from consisid_lab.eval import load_module
-
-        module = load_module(str(cfg.ckpt_path))
-        check_video_size(module.vae, module.backbone.patch_size, **sizes)
-        photo = load_image(cfg.face)
-        face, kps = face_crop(photo, (cfg.height, cfg.width), source=str(cfg.face))
-        with progress_bar(int(cfg.num_steps), cfg.progress) as step:
-            video = sample_checkpoint(
-                module,
-                face,
-                kps,
-                cfg.prompt,
-                cfg.negative_prompt,
-                **sizes,
-                **guidance,
-                generator=generator,
-                device=device,
-                dtype=dtype,
-                on_step=step,
-            )
-    files = write_outputs(video[0].cpu(), out_dir, int(cfg.fps))
-    log.info("wrote %s and %s", files["video"], files["contact_sheet"])
+        video, reference = generate_from_checkpoint(cfg, device, dtype, generator)
+    files = write_outputs(video[0].cpu(), Path(cfg.output_dir), int(cfg.fps), reference=reference.cpu())
+    log.info(
+        "wrote %s and %s in %s", files["video"], files["contact_sheet"], format_seconds(time.perf_counter() - start)
+    )
     return files
 
 

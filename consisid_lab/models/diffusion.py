@@ -196,6 +196,7 @@ def sample(
     cfg_batching: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> Tensor:
     """Denoise Gaussian noise of ``shape`` ``(B, f, C, h, w)`` to x0 latents with the DPM-Solver++ (2M) steps of
     ``CogVideoXDPMScheduler``, with optional classifier-free guidance.
@@ -212,6 +213,7 @@ def sample(
         device: where the initial noise goes (it is drawn on the generator's device, so seeds give the same noise
             on CPU and GPU).
         dtype: dtype of the model's input ``x_t`` (e.g. bfloat16); the solver state stays float32.
+        on_step: called after each denoising step (progress reports), whatever the number of model calls in it.
 
     Returns:
         x0 latents ``(B, f, C, h, w)``, float32.
@@ -257,4 +259,6 @@ def sample(
             generator=generator,
             return_dict=False,
         )
+        if on_step is not None:
+            on_step()
     return x

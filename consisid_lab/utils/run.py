@@ -50,22 +50,39 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def resolve_ckpt_path(path: str | None) -> str | None:
-    """A checkpoint file, or a run directory whose ``checkpoints/last.ckpt`` is used."""
-    if path in (None, "", "null"):
+CHECKPOINT_DIR = "checkpoints"  # where a run's ModelCheckpoint writes (conf/callbacks/default.yaml)
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def resolve_ckpt_path(path: str | Path | None) -> str | None:
+    """The checkpoint file that ``ckpt_path=...`` means, for every task (train, eval, generate, export).
+
+    ``path`` is a ``.ckpt`` file, a run directory (its ``checkpoints/last.ckpt``) or a run's ``checkpoints``
+    directory (its ``last.ckpt``); ``None`` / ``""`` / ``"null"`` mean no checkpoint. Anything else raises
+    ``FileNotFoundError`` naming the path, the checkpoints found there (if any) and what to pass instead.
+    """
+    if path is None or str(path) in ("", "null", "None"):
         return None
     p = Path(str(path)).expanduser()
-    if p.is_dir():
-        candidate = p / "checkpoints" / "last.ckpt"
-        if not candidate.is_file():
-            raise FileNotFoundError(
-                f"ckpt_path={path} is a directory without checkpoints/last.ckpt; pass a .ckpt file from "
-                f"{p / 'checkpoints'} or the output directory of a run that saved one"
-            )
-        return str(candidate)
-    if not p.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist; pass a .ckpt file or a run directory")
-    return str(p)
+    if p.is_file():
+        return str(p)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"ckpt_path={path} does not exist; pass a run directory (outputs/<experiment>/<time>) or a .ckpt file"
+        )
+    for candidate in (p / CHECKPOINT_DIR / LAST_CHECKPOINT, p / LAST_CHECKPOINT):
+        if candidate.is_file():
+            return str(candidate)
+    found = sorted(p.glob("*.ckpt")) + sorted((p / CHECKPOINT_DIR).glob("*.ckpt"))
+    if found:
+        listed = ", ".join(str(f) for f in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        hint = f"it holds {listed}: pass one of them as ckpt_path=<file>"
+    else:
+        hint = (
+            "it holds no .ckpt file at all; pass the output directory of a training run that saved one "
+            f"(outputs/<experiment>/<time>, with {CHECKPOINT_DIR}/{LAST_CHECKPOINT}) or a .ckpt file"
+        )
+    raise FileNotFoundError(f"ckpt_path={path} is a directory without {CHECKPOINT_DIR}/{LAST_CHECKPOINT}; {hint}")
 
 
 def component_names(cfg: DictConfig) -> dict[str, str]:
