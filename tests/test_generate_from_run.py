@@ -139,8 +139,7 @@ def test_a_photo_is_placed_as_the_benchmark_references_are(run_dir, tmp_path):
     from PIL import Image
     from skimage import data as skdata
 
-    from consisid_lab.data.reference_faces import synthetic_config
-    from consisid_lab.data.synthetic import mean_reference_box
+    from consisid_lab.data.reference_faces import mean_reference_box, synthetic_config
 
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skdata.astronaut()).save(photo)

@@ -8,7 +8,7 @@ on real data, frames whitened outside the face oval (:func:`~consisid_lab.faces.
   on), rendered with the checkpoint's own data config at the video size, exactly as evaluation sees it.
 - ``face=<photo>``: the largest face is found with MediaPipe, the photo is scaled and shifted (no rotation) so that
   its face box takes the place and size of the benchmark references' average face box
-  (:func:`~consisid_lab.data.synthetic.mean_reference_box`), resampled to the video size and whitened outside the
+  (:func:`mean_reference_box`), resampled to the video size and whitened outside the
   face oval. Checkpoints of real data get the square of twice the face box instead.
 """
 
@@ -73,8 +73,6 @@ def reference_face(face: str, data_cfg: Mapping[str, Any] | None, height: int, w
 
     template = None
     if is_synthetic(data_cfg):
-        from consisid_lab.data.synthetic import mean_reference_box
-
         template = mean_reference_box(synthetic_config(data_cfg, height, width))
     return photo_reference(load_image(face), height, width, template=template, source=face)
 
@@ -190,3 +188,27 @@ def photo_reference(
         kps=torch.from_numpy(kps.astype(np.float32))[None],
         description=f"the face in {name} ({how}, scaled x{scale:.3g})",
     )
+
+
+def mean_reference_box(cfg, num: int = 16, split: str = "test") -> np.ndarray:
+    """The average face box ``(4,)`` xyxy of a benchmark reference face, in pixels of ``cfg``'s frame.
+
+    The mean over the references of identities ``0 .. num - 1`` of ``split``, rendered (reference frame only) at
+    the 64 x 64 reference size and carried over in scene units, which scale with the shorter side of any frame:
+    what a face photo is fitted to so that it fills the frame as the benchmark's references do.
+    """
+    from dataclasses import replace
+
+    from consisid_lab.data.synthetic import PX, identity_seed, render, sample_identity, sample_reference_motion
+
+    cfg.validate()
+    side = round(1 / PX)
+    small = replace(cfg, height=side, width=side, num_frames=1)
+    boxes = [
+        render(small, sample_identity(small, identity_seed(split, i)), sample_reference_motion(i)).boxes[0]
+        for i in range(num)
+    ]
+    # pixel-centre coordinates -> scene units about the frame centre -> pixels of cfg's frame
+    scene = (np.mean(boxes, axis=0) + 0.5 - side / 2) / side  # (4,)
+    centre = np.array([cfg.width, cfg.height, cfg.width, cfg.height]) / 2
+    return (scene * min(cfg.height, cfg.width) + centre - 0.5).astype(np.float32)

@@ -1167,26 +1167,6 @@ def make_clip(cfg: SyntheticConfig, identity_seed: int, video_seed: int) -> Clip
     return render_clip(cfg, sample_identity(cfg, identity_seed), sample_motion(cfg, video_seed))
 
 
-def mean_reference_box(cfg: SyntheticConfig, num: int = 16, split: str = "test") -> np.ndarray:
-    """The average face box ``(4,)`` xyxy of a reference face (as :attr:`Clip.ref_box`), in pixels of ``cfg``'s frame.
-
-    The mean over the references of identities ``0 .. num - 1`` of ``split``, rendered (reference frame only) at
-    the 64 x 64 reference size and carried over in scene units, which scale with the shorter side of any frame:
-    what a face photo is fitted to so that it fills the frame as the benchmark's references do.
-    """
-    cfg.validate()
-    side = round(1 / PX)
-    small = replace(cfg, height=side, width=side, num_frames=1)
-    boxes = [
-        render(small, sample_identity(small, identity_seed(split, i)), sample_reference_motion(i)).boxes[0]
-        for i in range(num)
-    ]
-    # pixel-centre coordinates -> scene units about the frame centre -> pixels of cfg's frame
-    scene = (np.mean(boxes, axis=0) + 0.5 - side / 2) / side  # (4,)
-    centre = np.array([cfg.width, cfg.height, cfg.width, cfg.height]) / 2
-    return (scene * min(cfg.height, cfg.width) + centre - 0.5).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------- frequency separation
 
 
