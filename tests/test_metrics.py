@@ -186,3 +186,51 @@ def test_facesim_real_clips_score_higher_than_identity_shuffled(trained_low_eval
     cross = IdentityDrift(trained_low_evaluator)
     cross.update(refs, videos.transpose(0, 1))  # each "video" now holds one frame of every identity
     assert float(drift.compute()) < float(cross.compute())
+
+
+class _HalfGate(torch.nn.Module):
+    """A gate that sees a face only in frames whose mean is positive."""
+
+    def is_face(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3)) > 0
+
+
+def test_frames_without_a_face_score_zero_and_count_in_the_face_rate() -> None:
+    from consisid_lab.metrics.facesim import FaceRate
+
+    ref, _ = _videos(b=2)
+    video = ref[:, None].repeat(1, 4, 1, 1, 1).clamp(-0.5, 0.5)
+    video[:, :2] = video[:, :2] * 0 + 0.5  # frames 0, 1: "faces" by the gate's rule; 2, 3: not
+    video[:, 2:] = -0.5
+    ungated, gated = FaceSim(_random_evaluator()), FaceSim(_random_evaluator(), gate=_HalfGate())
+    ungated.update(ref, video)
+    gated.update(ref, video)
+    assert float(gated.compute()) < float(ungated.compute())
+    rate = FaceRate(_HalfGate())
+    rate.update(video)
+    assert float(rate.compute()) == pytest.approx(0.5)
+    blank = FaceSim(_random_evaluator(), gate=_HalfGate())
+    blank.update(ref, torch.full_like(video, -0.5))
+    assert float(blank.compute()) == 0.0
+
+
+def test_metrics_name_the_range_and_both_shapes_of_bad_input() -> None:
+    ref, video = _videos(b=2)
+    metric = FaceSim(_random_evaluator())
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*\[0, 255"):
+        metric.update(ref, (video + 1) * 127.5)
+    with pytest.raises(ValueError, match="non-finite"):
+        metric.update(ref, video * float("nan"))
+    with pytest.raises(ValueError, match=r"\(2, 5, 3, 32, 32\).*ref: \(2, 3, 32, 32\)|ref: \(2, 3, 32, 32\)"):
+        metric.update(ref, video[:, :, :2])
+
+
+def test_copy_paste_flags_the_reference_pasted_into_every_frame() -> None:
+    from consisid_lab.metrics.facesim import CopyPaste
+
+    ref, real = _videos(b=3)
+    honest, pasted = CopyPaste(), CopyPaste()
+    honest.update(ref, real, real.roll(1, dims=1))
+    pasted.update(ref, real, (ref[:, None].expand_as(real) + 0.01).clamp(-1, 1))
+    assert float(honest.compute()) == pytest.approx(1.0, rel=0.05)
+    assert float(pasted.compute()) > 20

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from consisid_lab.data.cache import renderer_source_hash
+from consisid_lab.encoders.codec import CodecConfig, CodecRecipe, StandInVideoCodec, named_codec_recipe
 from consisid_lab.encoders.evaluator import BandPairEvaluator, EvaluatorConfig, EvaluatorNet
+from consisid_lab.encoders.face_gate import FaceGate, FaceGateConfig, GateRecipe, named_gate_recipe
 from consisid_lab.encoders.identity_net import IdentityNet, IdentityNetConfig
 from consisid_lab.encoders.tiny_clip import TinyClip, TinyClipConfig
 from consisid_lab.encoders.training import FacePool, Recipe, render_pool, train_clip, train_margin_net
@@ -33,19 +35,22 @@ CACHE_ENV = "CONSISID_LAB_CACHE"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-ENTRIES = ("identity_net", "clip", "evaluator_low", "evaluator_high")  # cached networks
+ENTRIES = ("identity_net", "clip", "evaluator_low", "evaluator_high", "codec", "face_gate")  # cached networks
 BUILD_THREADS = 2
 
 
 @dataclass
 class StandIns:
-    """The trained stand-in networks, all in eval mode. ``evaluator`` joins the two band evaluators."""
+    """The trained stand-in networks, all in eval mode. ``evaluator`` joins the two band evaluators; ``codec`` is
+    the latent codec of the embedded default run; ``face_gate`` decides where the identity metrics score."""
 
     identity_net: IdentityNet
     clip: TinyClip
     evaluator: BandPairEvaluator
     evaluator_low: EvaluatorNet
     evaluator_high: EvaluatorNet
+    codec: StandInVideoCodec
+    face_gate: FaceGate
     build_seconds: float = 0.0  # time spent building entries in this call (0 when everything was cached)
     rebuilt: list[str] = field(default_factory=list)  # entries built in this call
     info: dict[str, dict] = field(default_factory=dict)  # per-entry config.json content
@@ -53,9 +58,9 @@ class StandIns:
 
 @dataclass
 class EntrySpec:
-    kind: str  # "identity_net" | "clip" | "evaluator"
-    model_config: IdentityNetConfig | TinyClipConfig | EvaluatorConfig
-    pool: str  # which training pool: "encoder" or "evaluator"
+    kind: str  # "identity_net" | "clip" | "evaluator" | "codec" | "face_gate"
+    model_config: IdentityNetConfig | TinyClipConfig | EvaluatorConfig | CodecConfig | FaceGateConfig
+    pool: str  # which training pool: "encoder", "evaluator" or "clips" (whole encoder-split clips)
     steps_field: str  # recipe field with the number of steps
     seed_offset: int  # distinct seeds per network
     band: str = "full"  # which labels of the pool to learn (``FacePool.batch``)
@@ -83,7 +88,26 @@ def default_specs() -> dict[str, EntrySpec]:
         "evaluator_high": EntrySpec(
             "evaluator", EvaluatorConfig(band="high"), "evaluator", "high_steps", 4, band="high"
         ),
+        # Own recipes (CodecRecipe, GateRecipe): the steps fields name their fields.
+        "codec": EntrySpec("codec", CodecConfig(), "clips", "steps", 5),
+        "face_gate": EntrySpec("face_gate", FaceGateConfig(), "evaluator", "steps", 6),
     }
+
+
+@dataclass
+class Recipes:
+    """The recipe of each kind of entry: the encoders' and evaluators' (``Recipe``), the codec's and the gate's."""
+
+    main: Recipe
+    codec: CodecRecipe
+    gate: GateRecipe
+
+    @classmethod
+    def named(cls, recipe: Recipe) -> Recipes:
+        return cls(recipe, named_codec_recipe(recipe.name), named_gate_recipe(recipe.name))
+
+    def for_kind(self, kind: str) -> Recipe | CodecRecipe | GateRecipe:
+        return {"codec": self.codec, "face_gate": self.gate}.get(kind, self.main)
 
 
 def default_generator_config():
@@ -105,7 +129,8 @@ def _plain(obj) -> object:
     return repr(obj)
 
 
-def entry_key(name: str, spec: EntrySpec, recipe: Recipe, generator_config) -> str:
+def entry_key(name: str, spec: EntrySpec, recipe: Recipe | CodecRecipe | GateRecipe, generator_config) -> str:
+    """Hash of everything an entry's weights depend on (``recipe``: the recipe of the entry's kind)."""
     payload = {
         "format": FORMAT_VERSION,
         "name": name,
@@ -134,6 +159,10 @@ def _new_module(spec: EntrySpec, entry_dir: Path) -> nn.Module:
         return TinyClip(spec.model_config, config_dir=entry_dir)
     if spec.kind == "evaluator":
         return EvaluatorNet(spec.model_config)
+    if spec.kind == "codec":
+        return StandInVideoCodec(spec.model_config)
+    if spec.kind == "face_gate":
+        return FaceGate(spec.model_config)
     raise AssertionError(spec.kind)
 
 
@@ -260,13 +289,13 @@ def load_standins(
     rebuild: ignore the cache and rebuild everything.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    recipe = recipe or Recipe()
+    recipes = Recipes.named(recipe or Recipe())
     generator_config = generator_config if generator_config is not None else default_generator_config()
     specs = default_specs()
     modules: dict[str, nn.Module] = {}
     infos: dict[str, dict] = {}
     to_build: list[str] = []
-    keys = {name: entry_key(name, spec, recipe, generator_config) for name, spec in specs.items()}
+    keys = {name: entry_key(name, spec, recipes.for_kind(spec.kind), generator_config) for name, spec in specs.items()}
     for name, spec in specs.items():
         loaded = "rebuild requested" if rebuild else load_entry(spec, cache_dir / name, keys[name])
         if isinstance(loaded, str):
@@ -301,7 +330,7 @@ def load_standins(
                 # Training seeds torch's global RNG; the caller's stream is restored afterwards, so a run that
                 # builds the stand-ins initialises its own model exactly as a run that loads them from the cache.
                 with torch.random.fork_rng(devices=[]):
-                    built = build_entries(to_build, specs, keys, recipe, generator_config, cache_dir)
+                    built = build_entries(to_build, specs, keys, recipes, generator_config, cache_dir)
                 for name, (module, info) in built.items():
                     modules[name], infos[name] = module, info
     seconds = time.perf_counter() - start if to_build else 0.0
@@ -320,12 +349,16 @@ def build_entries(
     names: list[str],
     specs: dict[str, EntrySpec],
     keys: dict[str, str],
-    recipe: Recipe,
+    recipes: Recipes,
     generator_config,
     cache_dir: Path,
 ) -> dict[str, tuple[nn.Module, dict]]:
     """Render the training pools the requested entries need, train them, save them."""
     from consisid_lab.encoders.captions import attribute_captions
+    from consisid_lab.encoders.codec import render_clip_pool, train_codec
+    from consisid_lab.encoders.face_gate import train_face_gate
+
+    recipe = recipes.main
 
     out: dict[str, tuple[nn.Module, dict]] = {}
     pools: dict[str, FacePool] = {}
@@ -339,7 +372,11 @@ def build_entries(
         for name in names:
             spec = specs[name]
             t0 = time.perf_counter()
-            if spec.pool not in pools:
+            if spec.pool == "clips" and "clips" not in pools:
+                progress.stage("render codec clips", 1)
+                pools["clips"] = render_clip_pool(generator_config, recipes.codec, workers=recipe.render_workers)
+                progress.advance()
+            elif spec.pool not in pools:
                 split, count, kind = pool_args[spec.pool]
                 progress.stage(f"render {spec.pool} faces", count)
                 tp = time.perf_counter()
@@ -360,7 +397,8 @@ def build_entries(
                     time.perf_counter() - tp,
                 )
             pool = pools[spec.pool]
-            steps = getattr(recipe, spec.steps_field)
+            entry_recipe = recipes.for_kind(spec.kind)
+            steps = getattr(entry_recipe, spec.steps_field)
             entry_dir = cache_dir / name
             entry_dir.mkdir(parents=True, exist_ok=True)
             torch.manual_seed(recipe.seed * 1000 + spec.seed_offset)
@@ -369,6 +407,10 @@ def build_entries(
             seed = recipe.seed * 1000 + spec.seed_offset
             if spec.kind == "clip":
                 stats = train_clip(module, pool, recipe, steps, seed, on_step=progress.advance)
+            elif spec.kind == "codec":
+                stats = train_codec(module, pool, recipes.codec, on_step=progress.advance)
+            elif spec.kind == "face_gate":
+                stats = train_face_gate(module, pool.images, recipes.gate, on_step=progress.advance)
             else:
                 stats = train_margin_net(module, pool, recipe, steps, seed, on_step=progress.advance, band=spec.band)
             stats["seconds"] = time.perf_counter() - t0
@@ -378,7 +420,7 @@ def build_entries(
                 "key": keys[name],
                 "format": FORMAT_VERSION,
                 "model_config": spec.model_config.to_dict(),
-                "recipe": recipe.to_dict(),
+                "recipe": entry_recipe.to_dict(),
                 "generator_config": _plain(generator_config),
                 "pool": spec.pool,
                 "train": stats,

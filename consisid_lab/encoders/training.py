@@ -320,3 +320,29 @@ def train_clip(
     clip.eval()
     tail = losses[-max(1, steps // 10) :]
     return {"steps": steps, "final_loss": float(np.mean(tail)), "first_loss": losses[0] if losses else None}
+
+
+def parallel_chunks(fn: Callable, arg_lists: list[tuple], workers: int = 1) -> list:
+    """``[fn(*args) for args in arg_lists]``, in ``workers`` spawned processes when more than one."""
+    if workers > 1 and len(arg_lists) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: forking a process whose torch thread pools are running can deadlock.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            return [f.result() for f in [ex.submit(fn, *args) for args in arg_lists]]
+    return [fn(*args) for args in arg_lists]
+
+
+def _render_clips_chunk(cfg, labels: list[int] | np.ndarray, videos: int, seed: int) -> np.ndarray:
+    """Whole clips ``(N, F, H, W, 3)`` uint8 of identities ``labels`` of the "encoder" split (top-level: picklable)."""
+    from consisid_lab.data.synthetic import identity_seed, render_clip, sample_identity, sample_motion
+
+    out = []
+    for label in labels:
+        identity = sample_identity(cfg, identity_seed("encoder", int(label)))
+        for v in range(videos):
+            motion = sample_motion(cfg, _video_seed("encoder/clips", int(label), v, seed))
+            out.append(render_clip(cfg, identity, motion).frames)
+    stacked = np.nan_to_num(np.stack(out), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(np.rint(stacked * 255.0), 0, 255).astype(np.uint8)

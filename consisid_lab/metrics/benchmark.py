@@ -16,26 +16,38 @@ class BenchmarkMetrics:
     """FaceSim against each clip's own reference and against a shuffled one (the chance level), FaceSim-Low,
     FaceSim-High, identity drift across frames and dataset-level FID on evaluator features.
 
-    ``facesim_real`` is the same FaceSim on the real clips: the ceiling a perfect generator would reach.
+    Every identity score is gated by the face gate (a frame without a face scores 0) and ``face_rate`` is the
+    share of generated frames with a face. ``facesim_real`` / ``facesim_real_shuffled`` are the same FaceSim on the
+    real clips (the ceiling a perfect generator reaches, and its chance level); ``identity_gap`` =
+    ``facesim - facesim_shuffled`` and ``identity_gap_real`` its real-clip counterpart. ``copy_paste`` compares how
+    close generated and real frames are to the reference image itself; ``hf_energy_ratio`` is the generated / real
+    ratio of the mean absolute difference of horizontally adjacent pixels (per-pixel noise scores far above 1, a
+    blurred video below).
     """
 
     def __init__(self, cache_dir: str | None = None, recipe: str = "default") -> None:
         from consisid_lab.encoders.recipes import named_recipe
         from consisid_lab.encoders.store import load_standins
         from consisid_lab.metrics.face_fid import FaceFID
-        from consisid_lab.metrics.facesim import FaceSim, FaceSimHigh, FaceSimLow
+        from consisid_lab.metrics.facesim import CopyPaste, FaceRate, FaceSim, FaceSimHigh, FaceSimLow
         from consisid_lab.metrics.identity_drift import IdentityDrift
 
         standins = load_standins(cache_dir, recipe=named_recipe(recipe))
+        gate = standins.face_gate
         self.metrics = {
-            "facesim": FaceSim(standins.evaluator),
-            "facesim_shuffled": FaceSim(standins.evaluator),
-            "facesim_real": FaceSim(standins.evaluator),
-            "facesim_low": FaceSimLow(standins.evaluator_low),
-            "facesim_high": FaceSimHigh(standins.evaluator_high),
+            "facesim": FaceSim(standins.evaluator, gate),
+            "facesim_shuffled": FaceSim(standins.evaluator, gate),
+            "facesim_real": FaceSim(standins.evaluator, gate),
+            "facesim_real_shuffled": FaceSim(standins.evaluator, gate),
+            "facesim_low": FaceSimLow(standins.evaluator_low, gate),
+            "facesim_high": FaceSimHigh(standins.evaluator_high, gate),
+            "face_rate": FaceRate(gate),
+            "face_rate_real": FaceRate(gate),
+            "copy_paste": CopyPaste(),
             "id_drift": IdentityDrift(standins.evaluator),
             "fid": FaceFID(standins.evaluator),
         }
+        self._hf = {"generated": 0.0, "real": 0.0}
         self._updates = 0
 
     def to(self, device: torch.device | str) -> BenchmarkMetrics:
@@ -50,16 +62,27 @@ class BenchmarkMetrics:
         self.to(device)
         ref = batch.ref_face
         m = self.metrics
+        if video.shape != batch.video.shape:
+            raise ValueError(
+                f"generated video {tuple(video.shape)} and the batch's real video {tuple(batch.video.shape)} "
+                "must have the same shape"
+            )
         m["facesim"].update(ref, video)
         m["facesim_real"].update(ref, batch.video)
         m["facesim_low"].update(ref, video)
         m["facesim_high"].update(ref, video)
+        m["face_rate"].update(video)
+        m["face_rate_real"].update(batch.video)
+        m["copy_paste"].update(ref, batch.video, video)
         m["id_drift"].update(ref, video)
         m["fid"].update(batch.video, video)
+        self._hf["generated"] += float(horizontal_energy(video).sum())
+        self._hf["real"] += float(horizontal_energy(batch.video).sum())
         # Shuffled reference: each video against the reference of a clip of another identity.
         other = _other_identity_index(batch.identity)
         if other is not None:
             m["facesim_shuffled"].update(ref[other], video)
+            m["facesim_real_shuffled"].update(ref[other], batch.video)
         self._updates += 1
 
     def has_updates(self) -> bool:
@@ -71,12 +94,23 @@ class BenchmarkMetrics:
             if getattr(metric, "_update_count", 1) == 0:
                 continue
             out[name] = metric.compute()
+        if "facesim_shuffled" in out:
+            out["identity_gap"] = out["facesim"] - out["facesim_shuffled"]
+            out["identity_gap_real"] = out["facesim_real"] - out["facesim_real_shuffled"]
+        if self._hf["real"] > 0:
+            out["hf_energy_ratio"] = torch.tensor(self._hf["generated"] / self._hf["real"])
         return out
 
     def reset(self) -> None:
         for m in self.metrics.values():
             m.reset()
+        self._hf = {"generated": 0.0, "real": 0.0}
         self._updates = 0
+
+
+def horizontal_energy(video: Tensor) -> Tensor:
+    """Per-clip mean absolute difference of horizontally adjacent pixels ``(B,)`` of ``(B, F, 3, H, W)`` videos."""
+    return (video[..., 1:] - video[..., :-1]).abs().flatten(1).mean(1)
 
 
 def _other_identity_index(identity: Tensor) -> Tensor | None:

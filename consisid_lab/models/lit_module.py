@@ -473,9 +473,12 @@ class IdentityVideoModule(pl.LightningModule):
             self.log(f"{prefix}/{k}", v, sync_dist=True)
         self.benchmark_metrics.reset()
         if self.last_samples and self.trainer is not None:
-            from consisid_lab.utils.media import log_videos
+            from consisid_lab.utils.media import log_videos, save_samples
 
             log_videos(self.trainer.loggers, f"{prefix}/samples", self.last_samples, step=self.global_step)
+            if self.trainer.is_global_zero and self.trainer.default_root_dir is not None:
+                path = save_samples(self.last_samples, self.trainer.default_root_dir, prefix, self.global_step)
+                log.info("%s samples (generated and real, uint8) written to %s", prefix, path)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

@@ -230,3 +230,45 @@ class CogVideoXCodec(LatentCodec):
         z = (latents.to(self.dtype) / self.scaling_factor).permute(0, 2, 1, 3, 4)  # (B, C, f, h, w)
         video = self.vae.decode(z).sample  # (B, 3, F, H, W)
         return video.permute(0, 2, 1, 3, 4).to(latents.dtype)
+
+
+class StandInCodec(LatentCodec):
+    """The embedded benchmark's learned codec (``consisid_lab.encoders.codec``), frozen, with CogVideoX's layout:
+    ``4k+1`` frames -> ``k+1`` latent frames, x4 spatial, standardised latents (no further scaling).
+
+    Built on first use into the stand-in cache like the other stand-ins (hashed on the renderer, recipe and
+    architecture; a stale or corrupt entry is rebuilt, never reused).
+    """
+
+    def __init__(self, cache_dir: str | None = None, recipe: str = "default") -> None:
+        super().__init__()
+        from consisid_lab.encoders.recipes import named_recipe
+        from consisid_lab.encoders.store import load_standins
+
+        codec = load_standins(cache_dir, recipe=named_recipe(recipe)).codec
+        codec.requires_grad_(False)
+        self.codec = codec.eval()
+        cfg = codec.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.spatial_factor = int(cfg.spatial_factor)
+        self.temporal_factor = int(cfg.temporal_factor)
+        self.scaling_factor = 1.0
+
+    def train(self, mode: bool = True) -> StandInCodec:
+        # Frozen: stays in eval mode (GroupNorm has no running statistics, but dropout-free eval is the contract).
+        super().train(mode)
+        self.codec.eval()
+        return self
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        self._check_video(video)
+        return self.codec.encode(video.float()).to(video.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        if latents.ndim != 5 or latents.shape[2] != self.latent_channels:
+            raise ValueError(
+                f"StandInCodec.decode expects latents (B, f, {self.latent_channels}, h, w), got {tuple(latents.shape)}"
+            )
+        return self.codec.decode(latents.float()).to(latents.dtype)

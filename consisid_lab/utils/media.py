@@ -70,3 +70,20 @@ def log_videos(loggers: list, key: str, samples: dict[str, Tensor], step: int, f
             out = Path(save_dir) / "media"
             out.mkdir(parents=True, exist_ok=True)
             iio.imwrite(out / f"{key.replace('/', '_')}_{step}.png", sheet)
+
+
+def save_samples(samples: dict[str, Tensor], root: str | Path, split: str, step: int) -> Path:
+    """Write ``<root>/media/<split>_samples.npz``: uint8 ``generated`` and ``real`` ``(B, F, H, W, 3)``, the
+    reference faces ``(B, H, W, 3)`` and the global step, so any metric can be recomputed from what was made."""
+    out = Path(root) / "media"
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"generated": np.stack([to_uint8_frames(v) for v in samples["video"]]), "step": np.array(step)}
+    if samples.get("real") is not None:
+        arrays["real"] = np.stack([to_uint8_frames(v) for v in samples["real"]])
+    if samples.get("ref_face") is not None:
+        arrays["reference"] = to_uint8_frames(samples["ref_face"])
+    path = out / f"{split}_samples.npz"
+    tmp = out / f"{split}_samples.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path

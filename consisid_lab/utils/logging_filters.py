@@ -1,0 +1,30 @@
+"""Logging filters the task configs install (``conf/hydra/default.yaml``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+class ThirdPartyInfoFilter(logging.Filter):
+    """Drop records below WARNING emitted from inside the named packages, and known-misleading warnings.
+
+    open_clip logs its model-config parsing on the root logger at INFO each time a stand-in CLIP is built, so
+    filtering by logger name cannot catch it; the emitting file's path can. ``drop_warnings``: message prefixes of
+    warnings from those packages that do not apply here (open_clip's "No pretrained weights loaded" is printed
+    before the stand-in's own weights are loaded into the model).
+    """
+
+    def __init__(
+        self, packages: list[str] | tuple[str, ...] = ("open_clip",), drop_warnings: list[str] | tuple[str, ...] = ()
+    ) -> None:
+        super().__init__()
+        self.markers = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+        self.drop_warnings = tuple(drop_warnings)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(m in record.pathname for m in self.markers):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return not (record.levelno == logging.WARNING and record.getMessage().startswith(self.drop_warnings))
