@@ -175,6 +175,17 @@ def test_store_round_trip_loads_identical_weights(tiny_store) -> None:
             assert torch.equal(a, b)
 
 
+def test_loading_the_store_leaves_the_global_rng_alone(tiny_store) -> None:
+    # A run that loads the stand-ins must initialise its model as one that builds them (exact resume).
+    from consisid_lab.encoders.store import load_standins
+    from consisid_lab.encoders.training import Recipe
+
+    cache, _ = tiny_store
+    state = torch.get_rng_state()
+    load_standins(cache, recipe=Recipe.tiny(), build_if_missing=False)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_store_rebuilds_stale_and_corrupt_entries(tiny_store, caplog) -> None:
     from consisid_lab.encoders.store import load_standins
     from consisid_lab.encoders.training import Recipe

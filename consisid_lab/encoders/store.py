@@ -198,7 +198,10 @@ def load_entry(spec: EntrySpec, entry_dir: Path, key: str) -> tuple[nn.Module, d
     if info.get("weights_sha256") != _file_sha256(weights):
         return "corrupt (weights checksum mismatch)"
     try:
-        module = _new_module(spec, entry_dir)
+        # The random initialisation is overwritten by the cached weights; forking keeps it off the caller's
+        # global RNG, so a run that loads the stand-ins initialises its own model exactly as one that builds them.
+        with torch.random.fork_rng(devices=[]):
+            module = _new_module(spec, entry_dir)
         load_model(module, str(weights), strict=True)
     except Exception as err:  # noqa: BLE001 - any load failure means the entry is unusable; it gets rebuilt
         return f"corrupt (weights do not load: {err})"
