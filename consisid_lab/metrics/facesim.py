@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from consisid_lab.metrics.evaluator_frozen import FrozenEmbedder, check_ref_video, embed_video
+from consisid_lab.utils.faults import require_finite
 
 
 def facesim_per_clip(embedder: FrozenEmbedder, ref: Tensor, video: Tensor) -> Tensor:
@@ -45,6 +46,7 @@ class FaceSim(Metric):
 
     def update(self, ref: Tensor, video: Tensor) -> None:
         """ref ``(B, 3, H, W)``, video ``(B, F, 3, H, W)``, both in [-1, 1]."""
+        require_finite(type(self).__name__, ref=ref, video=video)
         scores = facesim_per_clip(self.embedder, ref, video)
         self.score_sum += scores.sum().double()
         self.num_clips += scores.numel()
