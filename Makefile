@@ -33,12 +33,12 @@ test-full: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check consisid_lab tests benchmarks
-	$(BIN)/ruff format --check consisid_lab tests benchmarks
+	$(BIN)/ruff check consisid_lab hydra_plugins tests benchmarks
+	$(BIN)/ruff format --check consisid_lab hydra_plugins tests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix consisid_lab tests benchmarks
-	$(BIN)/ruff format consisid_lab tests benchmarks
+	$(BIN)/ruff check --fix consisid_lab hydra_plugins tests benchmarks
+	$(BIN)/ruff format consisid_lab hydra_plugins tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_synthetic.py

@@ -6,7 +6,8 @@
 folder holding ``.hydra/config.yaml`` is one run. Writes to ``--out`` (default: ``SWEEP_DIR``):
 
 - ``report.md``: one row per experiment, mean ± std over its completed seeds for the metrics present, then every
-  run that did not complete with its status and error (failed, running, or unfinished = no ``metrics.json``);
+  run that did not complete with its status and error (failed, diverged with its step, crashed with the signal,
+  running, died = its process is gone with the last heartbeat, or unfinished = no ``metrics.json``);
 - ``report.csv``: the same rows with separate ``<metric>_mean`` / ``<metric>_std`` columns;
 - ``report_runs.csv``: one row per run (status, error, every value);
 - ``report.png``: bars of the main metrics with std error bars.
@@ -142,6 +143,11 @@ def markdown(sweep_dir: Path, runs: list[RunInfo], rows: list[ExperimentRow], co
             cells = [_rel(r.path, sweep_dir), r.experiment, "" if r.seed is None else str(r.seed), r.status]
             cells.append(r.error or "")
             lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    reported = [(r, f) for r in runs for f in r.failures]
+    if reported:
+        lines += ["", "## Failures reported during runs (skipped metrics, samples, spectra)", ""]
+        lines += ["| run | status | failure |", "|---|---|---|"]
+        lines += [f"| {_md_escape(_rel(r.path, sweep_dir))} | {r.status} | {_md_escape(f)} |" for r, f in reported]
     return "\n".join(lines) + "\n"
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from consisid_lab.utils.checkpoints import resume_checkpoint
 from consisid_lab.utils.instantiate import instantiate, to_container
-from consisid_lab.utils.run import in_multirun, log_config, recorded_run, resolve_ckpt_path, seed_everything
+from consisid_lab.utils.run import in_multirun, log_config, recorded_run, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one composition; returns the final metrics. Every outcome is written to metrics.json."""
     with recorded_run(cfg) as record:
         seed_everything(cfg.seed)
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+        ckpt_path = resume_checkpoint(cfg.get("ckpt_path"))
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
         model.run_config = to_container(cfg)

@@ -92,6 +92,28 @@ def test_report_tables_failed_and_unfinished_runs(sweep, tmp_path):
     assert (out / "report.png").stat().st_size > 1000
 
 
+def test_report_calls_a_running_record_of_a_dead_process_died(sweep, tmp_path):
+    import socket
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    beat = time.time() - 120
+    here = {"pid": gone.pid, "host": socket.gethostname(), "heartbeat": beat}
+    _job(sweep, 6, "full", 3, _metrics("full", 3, 0.7, status="running", **here))
+    elsewhere = {"pid": 1, "host": "another-node", "heartbeat": time.time() - 3600}
+    _job(sweep, 7, "full", 4, _metrics("full", 4, 0.7, status="running", **elsewhere))
+    alive = {"pid": os.getpid(), "host": socket.gethostname(), "heartbeat": time.time()}
+    _job(sweep, 8, "full", 5, _metrics("full", 5, 0.7, status="running", **alive))
+    assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "report_runs.csv") as f:
+        runs = {r["run"]: r for r in csv.DictReader(f)}
+    assert runs["6"]["status"] == "died" and f"pid {gone.pid}" in runs["6"]["error"]
+    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(beat)) in runs["6"]["error"], "the last heartbeat"
+    assert runs["7"]["status"] == "died" and "no heartbeat for 60.0 min" in runs["7"]["error"]
+    assert runs["8"]["status"] == "running"
+
+
 def test_report_defaults_to_the_sweep_dir_and_runs_as_a_module(sweep):
     proc = subprocess.run([sys.executable, "-m", "consisid_lab.report", str(sweep)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -1,11 +1,16 @@
 """Reading the run directories that ``consisid_lab.train`` writes (one Hydra job each).
 
-A run dir holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (written by Hydra when the job starts) and,
-once the run has ended, ``metrics.json``::
+A run dir holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (written by Hydra when the job starts) and
+``metrics.json`` (written when the run starts, rewritten by its heartbeat and when it ends)::
 
-    {"experiment": "full", "seed": 0, "status": "completed" | "failed" | "running", "error": null | "text",
+    {"experiment": "full", "seed": 0, "status": "completed" | "failed" | "diverged" | "crashed" | "running",
+     "error": null | "text", "errors": [{"source": "BenchmarkMetrics", "message": "...", "time": ...}],
      "wall_time_s": 123.4, "metrics": {"test/facesim": 0.7, ...}, "stability": {"max_grad_norm": 3.1, ...},
-     "components": {...}}
+     "components": {...}, "pid": 1234, "host": "node1", "heartbeat": 1767000000.0}
+
+``diverged`` adds ``diverged_at_step`` and ``last_good_checkpoint``; ``crashed`` (written by the sweep launcher
+when the member's process died) adds ``exit_code``, ``signal`` and ``native_trace``. A ``running`` record whose
+process no longer exists is read as ``died``, with its last heartbeat.
 
 The frequency callback adds ``spectra/generated_faces.npz`` at test end.
 """
@@ -19,12 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consisid_lab.utils.faults import iso_time, pid_alive
+
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 GENERATED_FACES_FILE = Path("spectra") / "generated_faces.npz"
 RERUN_HINT = "python -m consisid_lab.train ... ckpt_path=<dir>"
 SWEEP_HINT = "python -m consisid_lab.train -m +experiment=<a>,<b> seed=0,1,2"
+# A running record whose heartbeat is this old is dead even when its process cannot be checked (another host):
+# many missed heartbeats (``consisid_lab.utils.run.HEARTBEAT_INTERVAL_S``), not one slow write.
+STALE_HEARTBEAT_S = 600.0
 
 
 class RunDirError(ValueError):
@@ -38,10 +48,11 @@ class RunInfo:
     path: Path
     experiment: str
     seed: int | None
-    status: str  # completed | failed | running | unfinished
+    status: str  # completed | failed | diverged | crashed | running | died | unfinished
     error: str | None = None
     values: dict[str, float] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # named failures the run reported (``errors``)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -112,11 +123,8 @@ def read_run(path: Path) -> RunInfo:
         else:
             status = str(data.get("status") or "completed")
             error = data.get("error")
-            if status == "running" and not error:
-                error = (
-                    f"{METRICS_FILE} says the run is still running (or was killed); "
-                    f"resume with `{RERUN_HINT.replace('<dir>', str(path))}`"
-                )
+            if status == "running":
+                status, error = _running_or_died(data, path)
     experiment = (
         data.get("experiment")
         or (cfg.get("experiment_name") if isinstance(cfg, dict) else None)
@@ -143,6 +151,7 @@ def read_run(path: Path) -> RunInfo:
             values[key] = v
     if (v := _numeric(data.get("wall_time_s"))) is not None:
         values["wall_time_s"] = v
+    failures = [f"{e.get('source')}: {e.get('message')}" for e in (data.get("errors") or []) if isinstance(e, dict)]
     return RunInfo(
         path=path,
         experiment=str(experiment),
@@ -151,7 +160,26 @@ def read_run(path: Path) -> RunInfo:
         error=str(error) if error else None,
         values=values,
         overrides=overrides,
+        failures=failures,
     )
+
+
+def _running_or_died(data: dict[str, Any], path: Path) -> tuple[str, str]:
+    """A ``running`` record is ``died`` when its process is gone (same host) or its heartbeat went stale."""
+    import socket
+    import time
+
+    resume = f"resume with `{RERUN_HINT.replace('<dir>', str(path))}`"
+    pid, host, beat = data.get("pid"), data.get("host"), data.get("heartbeat")
+    if not isinstance(beat, (int, float)):  # written before heartbeats existed: cannot tell
+        return "running", f"{METRICS_FILE} says the run is still running (or was killed); {resume}"
+    age = time.time() - float(beat)
+    last = f"last heartbeat {iso_time(float(beat))} ({age / 60:.1f} min ago)"
+    if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
+        return "died", f"its process (pid {pid} on {host}) no longer exists; {last}; {resume}"
+    if age > STALE_HEARTBEAT_S:
+        return "died", f"no heartbeat for {age / 60:.1f} min (pid {pid} on {host}); {last}; {resume}"
+    return "running", f"still running (pid {pid} on {host}); {last}"
 
 
 def run_cli(produce: Callable[[], list[Path]]) -> int:

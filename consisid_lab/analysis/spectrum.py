@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from consisid_lab.data.spectral_filters import radial_frequency
+from consisid_lab.utils.faults import require_finite
 
 SCALAR_NAMES = ("rel_log_amp_nyquist", "hf_ratio_025", "hf_ratio_050", "spectral_centroid", "radial_slope")
 DEFAULT_EPS = 1e-8
@@ -140,6 +141,7 @@ class SpectrumAccumulator:
             raise ValueError(f"expected maps of shape (N, C, H, W), got {tuple(maps.shape)}; reshape tokens first")
         n, c, h, w = maps.shape
         _check_spatial(h, w)
+        require_finite("SpectrumAccumulator.update", maps=maps)
         if self._log_amp_sum is not None and self._log_amp_sum.shape != (h, w):
             raise ValueError(
                 f"maps of size {h}x{w} cannot join a spectrum of size {tuple(self._log_amp_sum.shape)}; "

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from consisid_lab.analysis.face_crops import crop_faces
 from consisid_lab.analysis.spectrum import DEFAULT_EPS, SpectrumAccumulator, SpectrumResult, compute_spectrum
 from consisid_lab.analysis.spectrum import tokens_to_maps as _tokens_to_maps
+from consisid_lab.utils.faults import NonFiniteInputError, nonfinite_summary, report_failure
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,10 @@ class FrequencyAnalysisCallback(pl.Callback):
             ]
             try:
                 pl_module.denoise_once(batch, t)
+            except NonFiniteInputError as err:
+                # a diverged model: no spectrum at this timestep, and the run's record says why
+                report_failure("spectra", f"activations at t={t} skipped: {err}")
+                continue
             finally:
                 for h in handles:
                     h.remove()
@@ -283,7 +288,10 @@ class FrequencyAnalysisCallback(pl.Callback):
         if "video" in samples and "face_mask" in samples:
             video, mask = samples["video"], samples["face_mask"]  # (B, F, 3, H, W), (B, F, 1, H, W)
             crops = crop_faces(video.flatten(0, 1), mask.flatten(0, 1), self.face_size, self.face_channels)
-            if len(crops):
+            problem = nonfinite_summary(crops)
+            if problem is not None:
+                report_failure("spectra", f"{GENERATED_FACES} skipped: face crops of the samples: {problem}")
+            elif len(crops):
                 out[GENERATED_FACES] = compute_spectrum(crops, GENERATED_FACES, self.eps)
             else:
                 log.warning("frequency analysis: every generated frame has an empty face mask; no face spectrum")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from consisid_lab.metrics.evaluator_frozen import FrozenEmbedder
+from consisid_lab.utils.faults import NonFiniteInputError, nonfinite_summary, require_finite
 
 
 def _as_images(x: Tensor, name: str) -> Tensor:
@@ -34,7 +35,19 @@ class FaceFID(FrechetInceptionDistance):
 
     def update(self, real: Tensor | None, generated: Tensor | None) -> None:  # type: ignore[override]
         """Accumulate features of real and/or generated frames (pass ``None`` to skip one side)."""
+        require_finite(type(self).__name__, real=real, generated=generated)
         if real is not None:
             super().update(_as_images(real, "real"), real=True)
         if generated is not None:
             super().update(_as_images(generated, "generated"), real=False)
+
+    def compute(self) -> Tensor:
+        # Non-finite statistics make the matrix square root's LAPACK calls crash the process, not raise.
+        for name in ("real_features_sum", "real_features_cov_sum", "fake_features_sum", "fake_features_cov_sum"):
+            problem = nonfinite_summary(getattr(self, name))
+            if problem is not None:
+                raise NonFiniteInputError(
+                    f"{type(self).__name__}: accumulated {name} is not finite ({problem}); the evaluator's features "
+                    "overflowed, so no FID is computed"
+                )
+        return super().compute()

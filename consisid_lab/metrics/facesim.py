@@ -24,6 +24,7 @@ from consisid_lab.metrics.evaluator_frozen import (
     embed_video,
     face_presence,
 )
+from consisid_lab.utils.faults import require_finite
 
 
 def facesim_per_clip(
@@ -60,6 +61,7 @@ class FaceSim(Metric):
 
     def update(self, ref: Tensor, video: Tensor) -> None:
         """ref ``(B, 3, H, W)``, video ``(B, F, 3, H, W)``, both in [-1, 1]."""
+        require_finite(type(self).__name__, ref=ref, video=video)
         scores = facesim_per_clip(self.embedder, ref, video, self.gate)
         self.score_sum += scores.sum().double()
         self.num_clips += scores.numel()
@@ -99,6 +101,7 @@ class FaceRate(Metric):
         """video ``(B, F, 3, H, W)`` in [-1, 1]."""
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be (B, F, 3, H, W) in [-1, 1], got shape {tuple(video.shape)}")
+        require_finite(type(self).__name__, video=video)
         check_range(video, "video")
         present = face_presence(self.gate, video)
         self.faces += present.sum().double()
@@ -129,6 +132,7 @@ class CopyPaste(Metric):
 
     def update(self, ref: Tensor, real: Tensor, generated: Tensor) -> None:
         """ref ``(B, 3, H, W)``; real and generated ``(B, F, 3, H, W)``; all in [-1, 1]."""
+        require_finite(type(self).__name__, ref=ref, real=real, generated=generated)
         check_ref_video(ref, generated)
         check_ref_video(ref, real)
         self.real_dist += (real - ref[:, None]).abs().mean(dim=(1, 2, 3, 4)).sum().double()

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from consisid_lab.metrics.evaluator_frozen import FrozenEmbedder, check_range, embed_video
+from consisid_lab.utils.faults import require_finite
 
 
 def drift_per_clip(embedder: FrozenEmbedder, video: Tensor) -> Tensor:
@@ -35,6 +36,7 @@ class IdentityDrift(Metric):
 
     def update(self, ref: Tensor | None, video: Tensor) -> None:
         """video ``(B, F, 3, H, W)`` in [-1, 1]; ``ref`` is accepted for a uniform interface and unused."""
+        require_finite(type(self).__name__, ref=ref, video=video)
         drift = drift_per_clip(self.embedder, video)
         self.drift_sum += drift.sum().double()
         self.num_clips += drift.numel()

@@ -30,6 +30,7 @@ class TrainableEMA(pl.Callback):
         self.use_for_eval = use_for_eval
         self.shadow: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] = {}
+        self._averaged_step: int | None = None
 
     @staticmethod
     def _trainable(pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
@@ -43,7 +44,13 @@ class TrainableEMA(pl.Callback):
         }
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # Averages the weights that produced this loss, before the step updates them: Lightning only calls this for
+        # a finite loss (a non-finite one is skipped), so an update that breaks the weights, even into finite but
+        # huge values that only the next loss reveals, is never averaged in (see models/divergence.py).
+        if trainer.global_step == self._averaged_step:
+            return  # gradient accumulation: once per optimiser step
+        self._averaged_step = trainer.global_step
         if trainer.global_step < self.start_step:
             for n, p in self._trainable(pl_module).items():
                 self.shadow[n] = p.detach().clone()

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
+from consisid_lab.models.divergence import DivergenceGuard, all_finite, check_nan_settings, optimised_parameters
 from consisid_lab.models.injector import NoInjector
 from consisid_lab.models.trainable import Stage, apply_lora, lr_multiplier, select_parameters, stage_index
 from consisid_lab.types import IdentityFeatures, VideoBatch
+from consisid_lab.utils.faults import DivergenceError
 from consisid_lab.utils.instantiate import instantiate, to_container
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,9 @@ COMPONENTS = ("vae", "text_encoder", "keypoint_renderer", "global_encoder", "loc
 FROZEN_PREFIXES = ("vae.", "local_encoder.")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised (after a checkpoint of the last good state is written) when ``nan_policy='stop'``."""
+class NonFiniteLossError(DivergenceError):
+    """Training went non-finite (loss or weights): raised after a checkpoint of the last good state is written,
+    at the first failed step with ``nan_policy='stop'``, after ``max_nonfinite_steps`` in a row with ``'skip'``."""
 
 
 class IdentityVideoModule(pl.LightningModule):
@@ -55,6 +58,7 @@ class IdentityVideoModule(pl.LightningModule):
         sampling: DictConfig | dict,
         trainable: list[str] | None = None,
         nan_policy: str = "skip",
+        max_nonfinite_steps: int = 3,
         gradient_checkpointing: bool = False,
         metrics: DictConfig | dict | None = None,
         stages: list[dict] | None = None,
@@ -65,9 +69,10 @@ class IdentityVideoModule(pl.LightningModule):
         self.save_hyperparameters(
             {k: to_container(v) for k, v in locals().items() if k not in ("self", "__class__")}, logger=False
         )
-        if nan_policy not in ("skip", "stop"):
-            raise ValueError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}")
+        check_nan_settings(nan_policy, max_nonfinite_steps)
         self.nan_policy = nan_policy
+        self.divergence = DivergenceGuard(nan_policy, max_nonfinite_steps)
+        self._streak_batch: VideoBatch | None = None
         self.loss_cfg = dict(to_container(loss))
         self.sampling_cfg = dict(to_container(sampling))
         self.optimizer_cfg = dict(to_container(optimizer))
@@ -359,17 +364,73 @@ class IdentityVideoModule(pl.LightningModule):
             self.nan_policy,
         )
         self.log("train/nan_events", float(self.stability["nan_events"]), batch_size=batch.batch_size)
-        if self.nan_policy == "stop":
-            # The weights are still those of the last good step: save them, then stop.
-            path = self._last_good_path()
-            if path is not None:
-                self.trainer.save_checkpoint(path)
-                log.error("saved the last good state to %s", path)
-            raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at step {self.global_step}; last good state saved to {path}. "
-                "Resume with ckpt_path=<that file> after lowering the learning rate, or set nan_policy=skip"
+        self.divergence.fail(self.global_step, f"non-finite loss {loss.item()}")
+        return None  # Lightning skips backward (no update); optimizer_step then applies the policy
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        # Only finite losses get here (non-finite ones return None): they confirm the weights that made them.
+        self.divergence.confirm(self.global_step, self.optimizers())
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Before the callbacks' on_train_batch_end: checkpoints and the EMA never see a failed step's weights.
+        if not all_finite(optimised_parameters(optimizer)):
+            self.stability["nan_events"] += 1
+            log.error("non-finite weights after the optimiser step at global step %d", self.global_step)
+            self.divergence.fail(self.global_step, "non-finite weights after the optimiser step")
+        failed = self.divergence.step_failed
+        must_stop = self.divergence.end_step(optimizer)
+        if failed:
+            log.error(
+                "step %d undone: restored the weights and optimiser state of the last good step (policy=%s, %d "
+                "failed steps since the last confirmed update, max_nonfinite_steps=%d)",
+                self.global_step,
+                self.nan_policy,
+                self.divergence.consecutive,
+                self.divergence.max_nonfinite_steps,
             )
-        return None  # Lightning skips backward and the optimizer step for this batch
+        if must_stop:
+            why = (
+                "nan_policy=stop"
+                if self.nan_policy == "stop"
+                else f"{self.divergence.consecutive} failed steps without a confirmed update in between "
+                f"(max_nonfinite_steps={self.divergence.max_nonfinite_steps})"
+            )
+            self._stop_diverged(why)
+
+    def on_train_batch_end(self, outputs: Any, batch: VideoBatch, batch_idx: int) -> None:
+        # Kept only while a streak of failed steps is unconfirmed: on_train_end may need it to check the weights.
+        self._streak_batch = batch if self.divergence.unconfirmed_streak else None
+
+    def on_train_end(self) -> None:
+        """Training that ends inside a streak of failed steps confirms its final weights with one more loss."""
+        batch = self._streak_batch
+        if batch is None or not self.divergence.unconfirmed_streak:
+            return
+        with torch.no_grad():
+            loss, _ = self.compute_loss(self._stage_clip(batch))
+        if torch.isfinite(loss):
+            self.divergence.confirm(self.global_step, self.optimizers())
+            return
+        self.divergence.fail(self.global_step, f"non-finite loss {loss.item()} at the final weights")
+        self.divergence.end_step(self.optimizers())
+        self._stop_diverged("training ended inside the streak, and its final weights give a non-finite loss")
+
+    def _stop_diverged(self, why: str) -> None:
+        """Save the (restored) last good state, then stop with the first bad step and that file."""
+        guard = self.divergence
+        step = guard.first_bad_step if guard.first_bad_step is not None else self.global_step
+        path = self._last_good_path()
+        if path is not None:
+            self.trainer.save_checkpoint(path)
+            log.error("saved the last good state to %s", path)
+        raise NonFiniteLossError(
+            f"training diverged at step {step} ({why}: {'; '.join(guard.reasons[-3:])}); last good state saved to "
+            f"{path}. Resume with ckpt_path=<that file> after lowering the learning rate (or with gradient "
+            "clipping), or raise model.max_nonfinite_steps",
+            step=step,
+            last_good_checkpoint=path,
+        )
 
     def _last_good_path(self) -> str | None:
         if self.trainer is None or self.trainer.default_root_dir is None:
@@ -430,7 +491,9 @@ class IdentityVideoModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Measuring instruments, not model parts: kept out of the state dict (a plain attribute).
         if self.benchmark_metrics is None and self.metrics_cfg is not None:
-            self.benchmark_metrics = instantiate(self.metrics_cfg)
+            from consisid_lab.metrics.finite import FiniteSamplesOnly
+
+            self.benchmark_metrics = FiniteSamplesOnly(instantiate(self.metrics_cfg))
 
     def _eval_step(self, batch: VideoBatch, batch_idx: int, prefix: str) -> None:
         # A deterministic denoising loss at fixed timesteps: comparable across runs and epochs.

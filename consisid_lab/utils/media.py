@@ -9,11 +9,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from consisid_lab.utils.faults import nonfinite_summary, report_failure, require_finite
+
 log = logging.getLogger(__name__)
 
 
 def to_uint8_frames(video: Tensor) -> np.ndarray:
-    """(F, 3, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
+    """(F, 3, H, W) in [-1, 1] -> (F, H, W, 3) uint8; ``NonFiniteInputError`` on NaN or inf (no valid pixel)."""
+    require_finite("to_uint8_frames", video=video)
     v = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return v.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -39,9 +42,17 @@ def contact_sheet(videos: list[Tensor]) -> np.ndarray:
 
 
 def log_videos(loggers: list, key: str, samples: dict[str, Tensor], step: int, fps: int = 8) -> None:
-    """Log generated videos (as mp4) and a real-vs-generated contact sheet to every logger that takes media."""
+    """Log generated videos (as mp4) and a real-vs-generated contact sheet to every logger that takes media.
+
+    Non-finite samples (a diverged model) are not written: the failure is reported and nothing is logged.
+    """
     video = samples["video"]  # (B, F, 3, H, W)
     real = samples.get("real")
+    for name, x in (("video", video), ("real", real)):
+        problem = None if x is None else nonfinite_summary(x)
+        if problem is not None:
+            report_failure("video writing", f"{key} step {step}: samples[{name!r}] not written, {problem}")
+            return
     sheet_rows = []
     for i in range(video.shape[0]):
         if real is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -15,7 +17,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from consisid_lab.utils.faults import DivergenceError, FailureCollector, check_writable, describe_exit
+
 log = logging.getLogger(__name__)
+
+# A running record rewrites its heartbeat this often; `consisid_lab.report` calls a run whose heartbeat is
+# much older than this dead even when it cannot see the process (another host).
+HEARTBEAT_INTERVAL_S = 30.0
 
 COMPONENT_GROUPS = (
     "backbone",
@@ -108,7 +116,10 @@ def component_names(cfg: DictConfig) -> dict[str, str]:
 
 @dataclass
 class RunRecord:
-    """``metrics.json`` of a run: written at start (running), at the end (completed) or on failure (failed)."""
+    """``metrics.json`` of a run: written at start (``running``, then a heartbeat every
+    ``HEARTBEAT_INTERVAL_S``), at the end (``completed``) or on failure (``failed``, or ``diverged`` with the step
+    and the last good checkpoint). A sweep launcher marks a member whose process died ``crashed``
+    (``record_crash``). ``errors`` lists the named failures reported during the run (``report_failure``)."""
 
     path: Path
     experiment: str
@@ -119,11 +130,17 @@ class RunRecord:
     stability: dict[str, float] = field(default_factory=dict)
     train_time_s: float | None = None
     loggers: list = field(default_factory=list)  # closed when the run ends, whatever happens
+    failures: FailureCollector = field(default_factory=FailureCollector)
+    status: str = "running"
+    extra: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _heartbeat: threading.Thread | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, cfg: DictConfig) -> RunRecord:
         out = output_dir()
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
         rec = cls(
             path=out / "metrics.json",
             experiment=str(cfg.get("experiment_name")),
@@ -134,6 +151,21 @@ class RunRecord:
         rec.write("running")
         return rec
 
+    def start_heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        """Rewrite the running record every ``interval_s`` (a daemon thread: it dies with the process)."""
+
+        def beat() -> None:
+            while not self._stop.wait(interval_s):
+                self.write("running")
+
+        self._heartbeat = threading.Thread(target=beat, name="metrics.json heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+
     def set_components(self, cfg: DictConfig) -> None:
         self.components = component_names(cfg)
 
@@ -143,25 +175,76 @@ class RunRecord:
         self.write("completed")
 
     def fail(self, err: BaseException) -> None:
-        self.write("failed", error=f"{type(err).__name__}: {err}", trace=traceback.format_exc())
+        error, trace = f"{type(err).__name__}: {err}", traceback.format_exc()
+        if isinstance(err, DivergenceError):
+            self.extra.update(diverged_at_step=err.step, last_good_checkpoint=err.last_good_checkpoint)
+            self.write("diverged", error=error, trace=trace)
+        else:
+            self.write("failed", error=error, trace=trace)
 
     def write(self, status: str, error: str | None = None, trace: str | None = None) -> None:
-        data = {
-            "experiment": self.experiment,
-            "seed": self.seed,
-            "status": status,
-            "error": error,
-            "wall_time_s": time.time() - self.started,
-            "train_time_s": self.train_time_s,
-            "metrics": self.metrics,
-            "stability": self.stability,
-            "components": self.components,
-        }
-        if trace:
-            data["traceback"] = trace
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        with self._lock:
+            if self.status != "running" and status == "running":
+                return  # a late heartbeat never overwrites the final status
+            self.status = status
+            now = time.time()
+            data = {
+                "experiment": self.experiment,
+                "seed": self.seed,
+                "status": status,
+                "error": error,
+                "errors": list(self.failures.failures),
+                "wall_time_s": now - self.started,
+                "train_time_s": self.train_time_s,
+                "metrics": self.metrics,
+                "stability": self.stability,
+                "components": self.components,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "heartbeat": now,
+                **self.extra,
+            }
+            if trace:
+                data["traceback"] = trace
+            _write_json(self.path, data)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write-then-rename, so a reader (or a kill) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def record_crash(
+    run_dir: Path, returncode: int, cfg: DictConfig | None = None, native_trace: str | None = None
+) -> None:
+    """Mark the run in ``run_dir`` ``crashed`` after its process died without finishing its record.
+
+    Called by the sweep launcher, which saw the process exit: ``returncode`` as ``subprocess`` reports it
+    (negative = killed by that signal). Keeps what the run had recorded; writes a new record if it had none.
+    """
+    path = run_dir / "metrics.json"
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    if data.get("status") not in (None, "running"):
+        return  # the run recorded its own end before dying (e.g. while shutting down)
+    sig, sentence = describe_exit(returncode)
+    error = f"the run's process {sentence}"
+    if data.get("heartbeat"):
+        error += f"; last heartbeat {time.time() - float(data['heartbeat']):.0f} s before"
+    cfg = cfg if cfg is not None else OmegaConf.create()
+    data.setdefault("experiment", str(cfg.get("experiment_name")))
+    data.setdefault("seed", int(cfg.get("seed", 0)))
+    data.update(status="crashed", error=error, exit_code=returncode, signal=sig)
+    if native_trace:
+        data["native_trace"] = native_trace
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, data)
 
 
 def _is_scalar(v: Any) -> bool:
@@ -172,15 +255,20 @@ def _is_scalar(v: Any) -> bool:
 
 @contextmanager
 def recorded_run(cfg: DictConfig) -> Iterator[RunRecord]:
-    """The run's ``metrics.json`` for its whole life: ``running`` at start, ``failed`` with the error on any
-    exception (re-raised); the loggers put on the record are always closed."""
+    """The run's ``metrics.json`` for its whole life: ``running`` at start with a heartbeat, ``failed`` (or
+    ``diverged``) with the error on any exception (re-raised); the failures reported meanwhile are listed in it;
+    the loggers put on the record are always closed."""
     record = RunRecord.start(cfg)
+    record.start_heartbeat()
     try:
-        yield record
+        with record.failures:
+            yield record
     except BaseException as err:
+        record.stop_heartbeat()
         record.fail(err)
         raise
     finally:
+        record.stop_heartbeat()
         close_loggers(record.loggers)
 
 

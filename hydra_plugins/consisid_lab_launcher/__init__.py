@@ -1,0 +1,1 @@
+"""consisid_lab's Hydra launcher: every sweep member in its own process (``hydra/launcher=isolated``)."""

@@ -1,0 +1,141 @@
+"""A Hydra launcher that runs each sweep member in its own process, so that one member's death ends only it.
+
+In-process launchers (Hydra's basic one) lose the whole sweep when a member dies natively: a segmentation
+fault in a native library, the out-of-memory killer, ``kill -9``. Here each member is a fresh Python process
+(``python -m hydra_plugins.consisid_lab_launcher.member``) that runs Hydra's ``run_job`` exactly as the basic
+launcher would (same output dirs, same ``.hydra`` files, same job numbers). When a member's process dies without
+handing back its result, its ``metrics.json`` is marked ``crashed`` with the signal or exit code (and the Python
+stacks that ``faulthandler`` wrote at a native crash), and the sweep goes on with the next member.
+
+``n_jobs`` members run at once (default 1: a sweep on one GPU runs its members one after another).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_FILE = ".member_payload.pkl"
+RESULT_FILE = ".member_result.pkl"
+NATIVE_TRACE_FILE = "native_trace.log"
+MAX_TRACE_CHARS = 8000
+
+
+class _Member:
+    """A started member. A plain class: Hydra's plugin scan runs this module before it is in ``sys.modules``,
+    where dataclasses cannot resolve postponed annotations."""
+
+    def __init__(self, idx: int, overrides: list[str], config: DictConfig, run_dir: Path, process: subprocess.Popen):
+        self.idx, self.overrides, self.config, self.run_dir, self.process = idx, overrides, config, run_dir, process
+
+
+class IsolatedLauncher(Launcher):
+    def __init__(self, n_jobs: int = 1, poll_interval_s: float = 0.2) -> None:
+        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
+            raise ValueError(f"hydra.launcher.n_jobs must be an integer >= 1 (members run at once), got {n_jobs!r}")
+        self.n_jobs = n_jobs
+        self.poll_interval_s = float(poll_interval_s)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info("Launching %d jobs, each in its own process (%d at a time)", len(job_overrides), self.n_jobs)
+        queue = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        running: list[_Member] = []
+        results: dict[int, JobReturn] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < self.n_jobs:
+                    running.append(self._start(*queue.pop(0)))
+                for member in [m for m in running if m.process.poll() is not None]:
+                    running.remove(member)
+                    results[member.idx] = self._collect(member)
+                if running:
+                    time.sleep(self.poll_interval_s)
+        finally:
+            for member in running:  # interrupted (Ctrl-C): do not leave members running
+                member.process.terminate()
+                member.process.wait()
+        return [results[idx] for idx in sorted(results)]
+
+    def _start(self, idx: int, overrides: list[str]) -> _Member:
+        import cloudpickle
+
+        assert self.config is not None and self.hydra_context is not None
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        HydraConfig.instance().set_config(sweep_config)
+        run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (RESULT_FILE, NATIVE_TRACE_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+        payload = (self.hydra_context, self.task_function, sweep_config, Singleton.get_state())
+        (run_dir / PAYLOAD_FILE).write_bytes(cloudpickle.dumps(payload))
+        cmd = [sys.executable, "-m", "hydra_plugins.consisid_lab_launcher.member", str(run_dir)]
+        process = subprocess.Popen(cmd, env=os.environ.copy())
+        return _Member(idx, overrides, sweep_config, run_dir, process)
+
+    def _collect(self, member: _Member) -> JobReturn:
+        import cloudpickle
+
+        result, trace = member.run_dir / RESULT_FILE, member.run_dir / NATIVE_TRACE_FILE
+        (member.run_dir / PAYLOAD_FILE).unlink(missing_ok=True)
+        native = trace.read_text(errors="replace")[-MAX_TRACE_CHARS:] if trace.is_file() else ""
+        if trace.is_file() and not native.strip():
+            trace.unlink()
+        rc = member.process.returncode
+        if rc == 0 and result.is_file():
+            ret = cloudpickle.loads(result.read_bytes())
+            result.unlink()
+            return ret
+        from consisid_lab.utils.faults import describe_exit
+        from consisid_lab.utils.run import record_crash
+
+        record_crash(member.run_dir, rc, member.config, native_trace=native or None)
+        log.error(
+            "sweep member #%d (%s) %s; recorded as crashed in %s; the sweep goes on",
+            member.idx,
+            " ".join(filter_overrides(member.overrides)),
+            describe_exit(rc)[1],
+            member.run_dir / "metrics.json",
+        )
+        # Completed without a value, like a member whose run failed in Python (see consisid_lab.train.main):
+        # a sweeper must not stop the other members because of this one.
+        ret = JobReturn(
+            overrides=member.overrides,
+            cfg=OmegaConf.create(),
+            hydra_cfg=member.config,
+            working_dir=str(member.run_dir),
+            task_name=str(member.config.hydra.job.name),
+            status=JobStatus.COMPLETED,
+        )
+        ret.return_value = None
+        return ret
