@@ -80,7 +80,7 @@ BAND_CUTOFF = 0.25  # the benchmark's band split (normalised radius)
 
 
 def control_videos(refs: Tensor, videos: Tensor, seed: int = 0) -> dict[str, Tensor]:
-    """Every control of DESIGN.md section 6 for references ``(K, 3, H, W)`` and their real videos ``(K, F, 3, H, W)``."""
+    """Every control of DESIGN.md section 6 for references ``(K, 3, H, W)`` and real videos ``(K, F, 3, H, W)``."""
     from consisid_lab.data.spectral_filters import high_pass, low_pass
 
     gen = torch.Generator().manual_seed(seed)
@@ -132,7 +132,9 @@ def codec_survival(standins, ref_set: ClipSet, same: ClipSet, high: ClipSet, low
     hi_same = facesim_matrix(standins.evaluator_high, refs, same_r).diagonal()
     lo_same = facesim_matrix(standins.evaluator_low, refs, same_r).diagonal()
     mse = (same_r - same.videos).square().mean()
-    energy = (same_r[..., 1:] - same_r[..., :-1]).abs().mean() / (same.videos[..., 1:] - same.videos[..., :-1]).abs().mean()
+    energy = (same_r[..., 1:] - same_r[..., :-1]).abs().mean() / (
+        same.videos[..., 1:] - same.videos[..., :-1]
+    ).abs().mean()
     return {
         "codec_evaluator_auc": auroc(full.diagonal(), full[off]),
         "codec_high_only_auc": auroc(hi_same, facesim_matrix(standins.evaluator_high, refs, high_r).diagonal()),

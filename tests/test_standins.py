@@ -145,7 +145,7 @@ def tiny_store(tmp_path_factory):
 
 def test_store_builds_all_networks_with_the_public_interface(tiny_store) -> None:
     cache, s = tiny_store
-    assert sorted(s.rebuilt) == sorted(["identity_net", "clip", "evaluator_low", "evaluator_high"])
+    assert sorted(s.rebuilt) == sorted(["identity_net", "clip", "evaluator_low", "evaluator_high", "codec", "face_gate"])
     x = _faces(2)
     assert s.identity_net.embed(x).shape == (2, s.identity_net.embed_dim)
     assert s.identity_net.tokens(x).shape == (2, s.identity_net.num_tokens, s.identity_net.token_dim)
@@ -154,6 +154,9 @@ def test_store_builds_all_networks_with_the_public_interface(tiny_store) -> None
     for ev, band in ((s.evaluator, "full"), (s.evaluator_low, "low"), (s.evaluator_high, "high")):
         assert ev.band == band and ev.embed(x).shape == (2, ev.embed_dim)
     assert s.evaluator.low is s.evaluator_low and s.evaluator.high is s.evaluator_high
+    assert s.face_gate.is_face(x).shape == (2,)
+    video = x[:, None].expand(2, 5, *x.shape[1:])  # (B, 4k+1, 3, H, W)
+    assert s.codec.decode(s.codec.encode(video)).shape == video.shape
     for name in s.rebuilt:
         info = json.loads((cache / name / "config.json").read_text())
         assert info["recipe"]["name"] == "tiny" and len(info["key"]) == 64

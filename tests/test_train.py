@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONF, ROOT, TINY_OVERRIDES
@@ -45,8 +46,17 @@ def test_every_experiment_trains_and_tests(experiment, train_cfg):
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "config_resolved.yaml").is_file()
     assert 0.0 <= metrics["test/facesim"] <= 1.0
-    assert "test/facesim_shuffled" in metrics and "test/fid" in metrics
+    for key in ("test/facesim_shuffled", "test/fid", "test/face_rate", "test/facesim_real_shuffled", "test/copy_paste"):
+        assert key in record["metrics"], key
     assert record["components"]["backbone"] == "tiny"
+    # The footprint: last.ckpt only (a checkpoint was due at every step of this run).
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    # Samples are evidence: what the model made, as uint8 arrays beside the contact sheet.
+    samples = np.load(out / "media" / "test_samples.npz")
+    assert samples["generated"].dtype == np.uint8 and samples["generated"].shape == samples["real"].shape
+    b, f, h, w, c = samples["generated"].shape
+    assert (f, h, w, c) == (cfg.data.num_frames, cfg.data.height, cfg.data.width, 3)
+    assert (out / "media" / "val_samples.npz").is_file()
 
 
 def test_composition_matches_experiment(train_cfg):

@@ -203,9 +203,13 @@ def render_clip_pool(generator_config, recipe: CodecRecipe, workers: int = 1) ->
 
     cfg = replace(generator_config, num_frames=recipe.num_frames)
     results = parallel_chunks(
-        _render_clips_chunk, [(cfg, chunk, recipe.videos_per_identity, recipe.seed) for chunk in
-                              np.array_split(np.arange(recipe.identities), max(1, workers * 2))
-                              if len(chunk)], workers
+        _render_clips_chunk,
+        [
+            (cfg, chunk, recipe.videos_per_identity, recipe.seed)
+            for chunk in np.array_split(np.arange(recipe.identities), max(1, workers * 2))
+            if len(chunk)
+        ],
+        workers,
     )
     clips = np.concatenate(results)  # (N, F, H, W, 3) uint8
     return torch.from_numpy(clips).permute(0, 1, 4, 2, 3).contiguous()

@@ -7,8 +7,9 @@ positive cosine with many faces), so every identity metric first asks this gate 
 Positives: rendered benchmark frames and reference faces (other identities than train / val / test), degraded the
 way generated frames are (softened, noisy, lighting jitter), so a recognisable but imperfect face still counts.
 Negatives, made on the fly from the positives: Gaussian noise, colour-matched noise (each image's channel means
-and standard deviations), constant frames, blurs that leave a blob but no face, scrambled patches, and
-background-only frames (two-colour gradients with a faint pattern, like the benchmark's backgrounds).
+and standard deviations), smooth colour-matched noise (blotches at the scale of facial features: what an untrained
+generator makes), constant frames, blurs that leave a blob but no face, scrambled patches, and background-only
+frames (two-colour gradients with a faint pattern, like the benchmark's backgrounds).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from consisid_lab.encoders.evaluator import conv_bn_relu
 
-NEGATIVE_KINDS = ("noise", "colour_noise", "constant", "blob", "scrambled", "background")
+NEGATIVE_KINDS = ("noise", "colour_noise", "smooth_noise", "constant", "blob", "scrambled", "background")
 THRESHOLD = 0.5  # probability above which a frame counts as showing a face
 
 
@@ -126,12 +127,18 @@ def make_negatives(x: Tensor, gen: torch.Generator) -> Tensor:
             )
         elif name == "colour_noise":
             neg = mean[idx] + std[idx] * torch.randn(n, 3, h, w, generator=gen)
+        elif name == "smooth_noise":
+            blotches = low_pass(torch.randn(n, 3, h, w, generator=gen), float(_rand(gen, 1, low=0.05, high=0.5)))
+            blotches = blotches / blotches.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+            neg = mean[idx] + std[idx] * blotches
         elif name == "constant":
-            neg = torch.where(_rand(gen, n, 1, 1, 1) < 0.5, mean[idx], _rand(gen, n, 3, 1, 1, low=-1.0, high=1.0)).expand(n, 3, h, w)
+            neg = torch.where(
+                _rand(gen, n, 1, 1, 1) < 0.5, mean[idx], _rand(gen, n, 3, 1, 1, low=-1.0, high=1.0)
+            ).expand(n, 3, h, w)
         elif name == "blob":
             neg = low_pass(x[idx], float(_rand(gen, 1, low=0.02, high=0.06)))
         elif name == "scrambled":
-            neg = _scramble(x[idx], int([4, 8, 16][int(torch.randint(3, (), generator=gen))]), gen)
+            neg = _scramble(x[idx], int([4, 8, 16, 32][int(torch.randint(4, (), generator=gen))]), gen)
         else:  # background
             neg = _backgrounds(n, h, w, gen)
         out[idx] = neg.clamp(-1, 1)

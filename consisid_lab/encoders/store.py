@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from consisid_lab.data.cache import renderer_source_hash
+from consisid_lab.encoders import codec as codec_module
+from consisid_lab.encoders import face_gate as face_gate_module
 from consisid_lab.encoders.codec import CodecConfig, CodecRecipe, StandInVideoCodec, named_codec_recipe
 from consisid_lab.encoders.evaluator import BandPairEvaluator, EvaluatorConfig, EvaluatorNet
 from consisid_lab.encoders.face_gate import FaceGate, FaceGateConfig, GateRecipe, named_gate_recipe
@@ -37,6 +39,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ENTRIES = ("identity_net", "clip", "evaluator_low", "evaluator_high", "codec", "face_gate")  # cached networks
 BUILD_THREADS = 2
+TRAINER_MODULES = {"codec": codec_module, "face_gate": face_gate_module}  # kinds whose training code is hashed
 
 
 @dataclass
@@ -145,6 +148,10 @@ def entry_key(name: str, spec: EntrySpec, recipe: Recipe | CodecRecipe | GateRec
         "generator": _plain(generator_config),
         "generator_source": renderer_source_hash(),
     }
+    if spec.kind in TRAINER_MODULES:
+        # The codec's and the gate's training data (negatives, crops, losses) live in their own module: an edit
+        # there changes what the weights mean, so it is hashed too.
+        payload["trainer_source"] = hashlib.sha256(Path(TRAINER_MODULES[spec.kind].__file__).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

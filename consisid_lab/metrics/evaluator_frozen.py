@@ -64,9 +64,7 @@ def check_ref_video(ref: Tensor, video: Tensor) -> None:
             f"video must be (B, F, 3, H, W) in [-1, 1], got shape {tuple(video.shape)} (ref: {tuple(ref.shape)})"
         )
     if ref.shape[0] != video.shape[0]:
-        raise ValueError(
-            f"ref and video batch sizes differ: ref {tuple(ref.shape)} vs video {tuple(video.shape)}"
-        )
+        raise ValueError(f"ref and video batch sizes differ: ref {tuple(ref.shape)} vs video {tuple(video.shape)}")
     check_range(ref, "ref")
     check_range(video, "video")
 

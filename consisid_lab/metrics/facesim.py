@@ -27,9 +27,7 @@ from consisid_lab.metrics.evaluator_frozen import (
 from consisid_lab.utils.faults import require_finite
 
 
-def facesim_per_clip(
-    embedder: FrozenEmbedder, ref: Tensor, video: Tensor, gate: nn.Module | None = None
-) -> Tensor:
+def facesim_per_clip(embedder: FrozenEmbedder, ref: Tensor, video: Tensor, gate: nn.Module | None = None) -> Tensor:
     """Per-clip FaceSim ``(B,)``: mean over frames of ``max(0, cos(ref, frame))``, 0 where ``gate`` sees no face."""
     check_ref_video(ref, video)
     ref_emb = embedder(ref)  # (B, D)
