@@ -145,7 +145,9 @@ def tiny_store(tmp_path_factory):
 
 def test_store_builds_all_networks_with_the_public_interface(tiny_store) -> None:
     cache, s = tiny_store
-    assert sorted(s.rebuilt) == sorted(["identity_net", "clip", "evaluator_low", "evaluator_high", "codec", "face_gate"])
+    assert sorted(s.rebuilt) == sorted(
+        ["identity_net", "clip", "evaluator_low", "evaluator_high", "codec", "face_gate"]
+    )
     x = _faces(2)
     assert s.identity_net.embed(x).shape == (2, s.identity_net.embed_dim)
     assert s.identity_net.tokens(x).shape == (2, s.identity_net.num_tokens, s.identity_net.token_dim)

@@ -46,7 +46,13 @@ def test_every_experiment_trains_and_tests(experiment, train_cfg):
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "config_resolved.yaml").is_file()
     assert 0.0 <= metrics["test/facesim"] <= 1.0
-    for key in ("test/facesim_shuffled", "test/fid", "test/face_rate", "test/facesim_real_shuffled", "test/copy_paste"):
+    for key in (
+        "test/facesim_shuffled",
+        "test/fid",
+        "test/face_rate",
+        "test/facesim_real_shuffled",
+        "test/copy_paste",
+    ):
         assert key in record["metrics"], key
     assert record["components"]["backbone"] == "tiny"
     # The footprint: last.ckpt only (a checkpoint was due at every step of this run).

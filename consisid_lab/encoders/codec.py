@@ -187,14 +187,6 @@ class CodecRecipe:
         return asdict(self)
 
 
-def named_codec_recipe(name: str) -> CodecRecipe:
-    if name == "default":
-        return CodecRecipe()
-    if name == "tiny":
-        return CodecRecipe.tiny()
-    raise ValueError(f"standins_recipe must be 'default' or 'tiny', got {name!r}")
-
-
 def render_clip_pool(generator_config, recipe: CodecRecipe, workers: int = 1) -> Tensor:
     """Training clips of the "encoder" split: ``(N, F, 3, H, W)`` uint8 (never train / val / test identities)."""
     from dataclasses import replace

@@ -182,14 +182,6 @@ class GateRecipe:
         return asdict(self)
 
 
-def named_gate_recipe(name: str) -> GateRecipe:
-    if name == "default":
-        return GateRecipe()
-    if name == "tiny":
-        return GateRecipe.tiny()
-    raise ValueError(f"standins_recipe must be 'default' or 'tiny', got {name!r}")
-
-
 def train_face_gate(
     gate: FaceGate, faces: Tensor, recipe: GateRecipe, on_step: Callable[[], None] | None = None
 ) -> dict:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 
-def named_recipe(name: str):
-    """``default``: the benchmark's recipe; ``tiny``: seconds-long, for tests (right interfaces, weak networks)."""
-    from consisid_lab.encoders.training import Recipe
+def named_recipe(name: str, kind: type | None = None):
+    """``default``: the benchmark's recipe; ``tiny``: seconds-long, for tests (right interfaces, weak networks).
 
+    ``kind``: the recipe class (``Recipe`` for the encoders and evaluators, ``CodecRecipe``, ``GateRecipe``); each
+    has a default constructor and a ``tiny()`` one.
+    """
+    if kind is None:
+        from consisid_lab.encoders.training import Recipe as kind
     if name == "default":
-        return Recipe()
+        return kind()
     if name == "tiny":
-        return Recipe.tiny()
+        return kind.tiny()
     raise ValueError(f"standins_recipe must be 'default' or 'tiny', got {name!r}")

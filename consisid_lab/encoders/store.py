@@ -24,10 +24,11 @@ from torch import nn
 from consisid_lab.data.cache import renderer_source_hash
 from consisid_lab.encoders import codec as codec_module
 from consisid_lab.encoders import face_gate as face_gate_module
-from consisid_lab.encoders.codec import CodecConfig, CodecRecipe, StandInVideoCodec, named_codec_recipe
+from consisid_lab.encoders.codec import CodecConfig, CodecRecipe, StandInVideoCodec
 from consisid_lab.encoders.evaluator import BandPairEvaluator, EvaluatorConfig, EvaluatorNet
-from consisid_lab.encoders.face_gate import FaceGate, FaceGateConfig, GateRecipe, named_gate_recipe
+from consisid_lab.encoders.face_gate import FaceGate, FaceGateConfig, GateRecipe
 from consisid_lab.encoders.identity_net import IdentityNet, IdentityNetConfig
+from consisid_lab.encoders.recipes import named_recipe
 from consisid_lab.encoders.tiny_clip import TinyClip, TinyClipConfig
 from consisid_lab.encoders.training import FacePool, Recipe, render_pool, train_clip, train_margin_net
 
@@ -107,7 +108,7 @@ class Recipes:
 
     @classmethod
     def named(cls, recipe: Recipe) -> Recipes:
-        return cls(recipe, named_codec_recipe(recipe.name), named_gate_recipe(recipe.name))
+        return cls(recipe, named_recipe(recipe.name, CodecRecipe), named_recipe(recipe.name, GateRecipe))
 
     def for_kind(self, kind: str) -> Recipe | CodecRecipe | GateRecipe:
         return {"codec": self.codec, "face_gate": self.gate}.get(kind, self.main)
