@@ -102,6 +102,7 @@ def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str,
     """``{control: {metric: value}}``: gated FaceSim / -Low / -High of each control against the references, its face
     rate and its copy-paste ratio."""
     from consisid_lab.metrics.evaluator_frozen import face_presence
+    from consisid_lab.metrics.facesim import COPY_FLOOR
 
     gate = standins.face_gate
     out: dict[str, dict[str, float]] = {}
@@ -111,7 +112,8 @@ def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str,
             "facesim_low": facesim_matrix(standins.evaluator_low, refs, vids, gate).diagonal().mean(),
             "facesim_high": facesim_matrix(standins.evaluator_high, refs, vids, gate).diagonal().mean(),
             "face_rate": face_presence(gate, vids).mean(),
-            "copy_paste": (videos - refs[:, None]).abs().mean() / (vids - refs[:, None]).abs().mean().clamp_min(1e-6),
+            "copy_paste": (videos - refs[:, None]).abs().mean()
+            / (vids - refs[:, None]).abs().mean().clamp_min(COPY_FLOOR),
         }
         out[name] = {k: float(v) for k, v in row.items()}
     return out

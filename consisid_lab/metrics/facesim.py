@@ -111,6 +111,9 @@ class FaceRate(Metric):
         return (self.faces / self.frames).float()
 
 
+COPY_FLOOR = 2.0 / 255.0
+
+
 class CopyPaste(Metric):
     """``mean |real frame - reference| / mean |generated frame - reference|`` over all pixels seen.
 
@@ -140,4 +143,5 @@ class CopyPaste(Metric):
     def compute(self) -> Tensor:
         if self.num_clips == 0:
             raise RuntimeError("CopyPaste.compute() called before any update()")
-        return (self.real_dist / self.gen_dist.clamp_min(1e-6 * self.num_clips)).float()
+        # Distances below one 8-bit grey level (2 / 255 in [-1, 1] units) all mean "identical".
+        return (self.real_dist / self.gen_dist.clamp_min(COPY_FLOOR * self.num_clips)).float()
