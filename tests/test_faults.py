@@ -97,7 +97,9 @@ def test_nan_loss_at_step_k_is_skipped_and_the_run_completes(train_cfg):
 
 
 def test_nan_weights_at_step_k_are_restored_before_anything_sees_them(train_cfg):
-    cfg = train_cfg("trainer.max_steps=2", "test=false", *_fault("nan_weights", "1"))
+    cfg = train_cfg(
+        "trainer.max_steps=2", "test=false", "callbacks.checkpoint.save_top_k=-1", *_fault("nan_weights", "1")
+    )
     train(cfg)
     out = Path(cfg.paths.output_dir)
     assert _record(out)["status"] == "completed"
@@ -113,7 +115,11 @@ def test_repeated_nan_weights_under_skip_stop_as_diverged_after_the_limit(train_
     from consisid_lab.models.lit_module import NonFiniteLossError
 
     cfg = train_cfg(
-        "trainer.max_steps=6", "test=false", "model.max_nonfinite_steps=3", *_fault("nan_weights", "[1,2,3]")
+        "trainer.max_steps=6",
+        "test=false",
+        "callbacks.checkpoint.save_top_k=-1",
+        "model.max_nonfinite_steps=3",
+        *_fault("nan_weights", "[1,2,3]"),
     )
     with pytest.raises(NonFiniteLossError, match="3 failed steps"):
         train(cfg)
@@ -128,7 +134,13 @@ def test_repeated_nan_weights_under_skip_stop_as_diverged_after_the_limit(train_
 def test_nan_loss_at_step_k_under_stop_saves_the_last_good_state(train_cfg):
     from consisid_lab.models.lit_module import NonFiniteLossError
 
-    cfg = train_cfg("trainer.max_steps=3", "test=false", "model.nan_policy=stop", *_fault("nan_loss", "1"))
+    cfg = train_cfg(
+        "trainer.max_steps=3",
+        "test=false",
+        "callbacks.checkpoint.save_top_k=-1",
+        "model.nan_policy=stop",
+        *_fault("nan_loss", "1"),
+    )
     with pytest.raises(NonFiniteLossError, match="last good state saved"):
         train(cfg)
     out = Path(cfg.paths.output_dir)
@@ -268,7 +280,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path):
 
 
 def test_resume_from_a_run_dir_skips_a_truncated_last_ckpt(tmp_path, standin_cache, caplog):
-    common = ["trainer.val_check_interval=100", "test=false"]
+    common = ["trainer.val_check_interval=100", "test=false", "callbacks.checkpoint.save_top_k=-1"]
     first = compose_train([*common, "trainer.max_steps=2"], tmp_path / "first", standin_cache)
     train(first)
     ckpts = tmp_path / "first" / "checkpoints"

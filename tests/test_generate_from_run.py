@@ -30,7 +30,9 @@ def run_dir(tmp_path_factory, standin_cache) -> Path:
     from consisid_lab.train import train
 
     out = tmp_path_factory.mktemp("run")
-    train(compose_train(["trainer.max_steps=2", "test=false"], out, standin_cache))
+    train(
+        compose_train(["trainer.max_steps=2", "test=false", "callbacks.checkpoint.save_top_k=-1"], out, standin_cache)
+    )
     return out
 
 
@@ -87,13 +89,13 @@ def test_a_checkpoint_file_gives_the_same_video_as_its_run_dir(run_dir, tmp_path
 def test_overrides_win_over_the_checkpoint_settings(run_dir, tmp_path, caplog):
     cfg = _compose(
         f"ckpt_path={run_dir}", "face=benchmark:0", f"output_dir={tmp_path / 'out'}",
-        "num_frames=3", "height=48", "width=64", "num_steps=1",
+        "num_frames=9", "height=48", "width=64", "num_steps=1",
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="consisid_lab.generate"):
         files = generate(cfg)
-    assert _frames(files["video"]).shape == (3, 48, 64, 3)
+    assert _frames(files["video"]).shape == (9, 48, 64, 3)
     assert iio.imread(files["reference"]).shape == (48, 64, 3)
-    assert any("3 frames of 48 x 64, 1 steps" in r.getMessage() for r in caplog.records)
+    assert any("9 frames of 48 x 64, 1 steps" in r.getMessage() for r in caplog.records)
 
 
 def test_the_resolver_takes_a_run_dir_its_checkpoints_dir_or_a_file(run_dir, tmp_path):
@@ -125,7 +127,7 @@ def test_a_dir_without_a_checkpoint_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [
-        ("height=30", r"PixelCodec needs height to be a positive multiple of 4, got 30; use e.g. 32"),
+        ("height=30", r"StandInCodec needs height to be a positive multiple of 4, got 30; use e.g. 32"),
         ("width=36", r"width=36 is not a multiple of 8 .*e.g. 32 or 40 \(32 x 32 as trained\)"),
     ],
 )

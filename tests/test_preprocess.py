@@ -145,7 +145,7 @@ def test_training_reads_the_cache_and_refuses_a_mismatch(dataset, standin_dir, t
     dm = instantiate(cfg.data, feature_cache_dir=str(cache), skipped_path=None)
     batch = next(iter(dm.train_dataloader()))
     assert set(batch.cached) >= {"latents", "text"} and any(k.startswith("id_vec/") for k in batch.cached)
-    assert batch.cached["latents"].shape[:2] == (batch.batch_size, 5)
+    assert batch.cached["latents"].shape[:2] == (batch.batch_size, 2)  # 5 frames -> 2 latent frames (4k+1 -> k+1)
     assert batch.video.shape[1:] == (5, 3, 32, 32)
 
     other = _cfg(dataset, standin_dir, tmp_path / "run", cache, "data.num_frames=9")
