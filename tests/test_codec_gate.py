@@ -75,7 +75,7 @@ def test_negatives_cover_every_kind_and_stay_in_range() -> None:
     neg = make_negatives(faces, gen)
     assert neg.shape == faces.shape
     assert neg.min() >= -1 and neg.max() <= 1
-    assert len(NEGATIVE_KINDS) == 7
+    assert len(NEGATIVE_KINDS) == 8
 
 
 def _render_faces(split: str, n: int, seed: int) -> torch.Tensor:

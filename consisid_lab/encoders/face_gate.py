@@ -8,8 +8,9 @@ Positives: rendered benchmark frames and reference faces (other identities than 
 way generated frames are (softened, noisy, lighting jitter), so a recognisable but imperfect face still counts.
 Negatives, made on the fly from the positives: Gaussian noise, colour-matched noise (each image's channel means
 and standard deviations), smooth colour-matched noise (blotches at the scale of facial features: what an untrained
-generator makes), constant frames, blurs that leave a blob but no face, scrambled patches, and background-only
-frames (two-colour gradients with a faint pattern, like the benchmark's backgrounds).
+generator makes), faces drowned in such blotches (as strong as the face's own contrast: a head-shaped smear whose
+eyes and mouth no longer read), constant frames, blurs that leave a blob but no face, scrambled patches, and
+background-only frames (two-colour gradients with a faint pattern, like the benchmark's backgrounds).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from consisid_lab.encoders.evaluator import conv_bn_relu
 
-NEGATIVE_KINDS = ("noise", "colour_noise", "smooth_noise", "constant", "blob", "scrambled", "background")
+NEGATIVE_KINDS = ("noise", "colour_noise", "smooth_noise", "blotched", "constant", "blob", "scrambled", "background")
 THRESHOLD = 0.5  # probability above which a frame counts as showing a face
 
 
@@ -131,6 +132,10 @@ def make_negatives(x: Tensor, gen: torch.Generator) -> Tensor:
             blotches = low_pass(torch.randn(n, 3, h, w, generator=gen), float(_rand(gen, 1, low=0.05, high=0.5)))
             blotches = blotches / blotches.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
             neg = mean[idx] + std[idx] * blotches
+        elif name == "blotched":
+            blotches = low_pass(torch.randn(n, 3, h, w, generator=gen), float(_rand(gen, 1, low=0.1, high=0.4)))
+            blotches = blotches / blotches.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+            neg = x[idx] + _rand(gen, n, 1, 1, 1, low=0.8, high=1.5) * std[idx] * blotches
         elif name == "constant":
             neg = torch.where(
                 _rand(gen, n, 1, 1, 1) < 0.5, mean[idx], _rand(gen, n, 3, 1, 1, low=-1.0, high=1.0)
