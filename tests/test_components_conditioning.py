@@ -284,6 +284,18 @@ def test_make_scheduler_uses_zero_terminal_snr_and_rejects_unknown_settings():
         make_scheduler(snr_shift=3.0)
 
 
+def test_high_noise_bias_moves_training_timesteps_up_and_one_keeps_them_uniform():
+    scheduler = make_scheduler()
+    uniform = sample_timesteps(scheduler, 4096, generator=torch.Generator().manual_seed(0))
+    same = torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, same), "the uniform default draws exactly what it always drew (exact resume)"
+    biased = sample_timesteps(scheduler, 4096, generator=torch.Generator().manual_seed(0), high_noise_bias=2.0)
+    assert biased.min() >= 0 and biased.max() < 1000
+    assert biased.float().mean() == pytest.approx(1000 * 2 / 3, rel=0.03)  # E[u^(1/2)] = 2/3
+    with pytest.raises(ValueError, match="high_noise_bias"):
+        sample_timesteps(scheduler, 4, high_noise_bias=0.0)
+
+
 def test_weighted_x0_loss_equals_the_v_prediction_mse():
     scheduler = make_scheduler()
     g = torch.Generator().manual_seed(0)

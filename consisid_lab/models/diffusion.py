@@ -139,12 +139,24 @@ def diffusion_loss(
 
 
 def sample_timesteps(
-    scheduler: CogVideoXDPMScheduler, batch_size: int, generator: torch.Generator | None = None, device=None
+    scheduler: CogVideoXDPMScheduler,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    device=None,
+    high_noise_bias: float = 1.0,
 ) -> Tensor:
-    """Uniform training timesteps ``(B,)`` in ``[0, num_train_timesteps)``."""
+    """Training timesteps ``(B,)`` in ``[0, num_train_timesteps)``: uniform, or with ``high_noise_bias = p > 1``
+    drawn as ``floor(N u^(1/p))`` (density rising as ``t^(p-1)``), which spends more steps where the global
+    structure of a sample is decided."""
+    if high_noise_bias <= 0:
+        raise ValueError(f"high_noise_bias must be > 0 (1 = uniform), got {high_noise_bias}")
     n = scheduler.config.num_train_timesteps
     gen_device = generator.device if generator is not None else None
-    t = torch.randint(0, n, (batch_size,), generator=generator, device=gen_device)
+    if high_noise_bias == 1.0:
+        t = torch.randint(0, n, (batch_size,), generator=generator, device=gen_device)
+    else:
+        u = torch.rand(batch_size, generator=generator, device=gen_device)
+        t = (n * u.pow(1.0 / high_noise_bias)).long().clamp_(0, n - 1)
     return t.to(device) if device is not None else t
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
+from consisid_lab.models.diffusion import sample_timesteps
 from consisid_lab.models.divergence import DivergenceGuard, all_finite, check_nan_settings, optimised_parameters
 from consisid_lab.models.injector import NoInjector
 from consisid_lab.models.trainable import Stage, apply_lora, lr_multiplier, select_parameters, stage_index
@@ -286,8 +287,9 @@ class IdentityVideoModule(pl.LightningModule):
             if tokens is not None:
                 tokens = tokens * keep.view(b, 1, 1)
 
-        num_t = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, num_t, (b,), generator=gen).to(self.device)
+        t = sample_timesteps(
+            self.noise_scheduler, b, gen, self.device, float(self.loss_cfg.get("high_noise_bias", 1.0))
+        )
         noise = torch.randn(x0.shape, generator=gen).to(x0)
         alpha = float(self.loss_cfg.get("mask_prob", 0.5))
         use_mask = torch.rand((), generator=gen).item() < alpha
