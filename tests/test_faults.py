@@ -111,41 +111,38 @@ def test_nan_weights_at_step_k_are_restored_before_anything_sees_them(train_cfg)
     assert all(torch.isfinite(t).all() for t in shadow.values())
 
 
-def test_repeated_nan_weights_under_skip_stop_as_diverged_after_the_limit(train_cfg):
+def _diverged_run(train_cfg, match: str, *overrides: str) -> tuple[Path, dict]:
+    """Train until the divergence guard stops the run (step checkpoints kept); the output dir and its record."""
     from consisid_lab.models.lit_module import NonFiniteLossError
 
-    cfg = train_cfg(
-        "trainer.max_steps=6",
-        "test=false",
-        "callbacks.checkpoint.save_top_k=-1",
-        "model.max_nonfinite_steps=3",
-        *_fault("nan_weights", "[1,2,3]"),
-    )
-    with pytest.raises(NonFiniteLossError, match="3 failed steps"):
+    cfg = train_cfg("test=false", "callbacks.checkpoint.save_top_k=-1", *overrides)
+    with pytest.raises(NonFiniteLossError, match=match):
         train(cfg)
     out = Path(cfg.paths.output_dir)
     record = _record(out)
     assert record["status"] == "diverged" and record["diverged_at_step"] == 1
+    return out, record
+
+
+def test_repeated_nan_weights_under_skip_stop_as_diverged_after_the_limit(train_cfg):
+
+    out, record = _diverged_run(
+        train_cfg,
+        "3 failed steps",
+        "trainer.max_steps=6",
+        "model.max_nonfinite_steps=3",
+        *_fault("nan_weights", "[1,2,3]"),
+    )
     assert record["last_good_checkpoint"] == str(out / "checkpoints" / "last_good.ckpt")
     good = _trainable(out / "checkpoints" / "last_good.ckpt")
     assert all(torch.equal(good[k], v) for k, v in _trainable(out / "checkpoints" / "step_000001.ckpt").items())
 
 
 def test_nan_loss_at_step_k_under_stop_saves_the_last_good_state(train_cfg):
-    from consisid_lab.models.lit_module import NonFiniteLossError
 
-    cfg = train_cfg(
-        "trainer.max_steps=3",
-        "test=false",
-        "callbacks.checkpoint.save_top_k=-1",
-        "model.nan_policy=stop",
-        *_fault("nan_loss", "1"),
+    out, record = _diverged_run(
+        train_cfg, "last good state saved", "trainer.max_steps=3", "model.nan_policy=stop", *_fault("nan_loss", "1")
     )
-    with pytest.raises(NonFiniteLossError, match="last good state saved"):
-        train(cfg)
-    out = Path(cfg.paths.output_dir)
-    record = _record(out)
-    assert record["status"] == "diverged" and record["diverged_at_step"] == 1
     assert "NonFiniteLossError" in record["error"] and "nan_policy=stop" in record["error"]
     # The update before a non-finite loss is undone too: the last good state is the weights at step 0.
     good, after_step_0 = (_trainable(out / "checkpoints" / n) for n in ("last_good.ckpt", "step_000001.ckpt"))
