@@ -121,6 +121,8 @@ def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str,
 
 def codec_survival(standins, ref_set: ClipSet, same: ClipSet, high: ClipSet, low: ClipSet) -> dict[str, float]:
     """The identity bands through the stand-in codec: band AUCs on reconstructions against the original references."""
+    from consisid_lab.metrics.benchmark import horizontal_energy
+
     codec = standins.codec
 
     def roundtrip(v: Tensor) -> Tensor:
@@ -134,9 +136,7 @@ def codec_survival(standins, ref_set: ClipSet, same: ClipSet, high: ClipSet, low
     hi_same = facesim_matrix(standins.evaluator_high, refs, same_r).diagonal()
     lo_same = facesim_matrix(standins.evaluator_low, refs, same_r).diagonal()
     mse = (same_r - same.videos).square().mean()
-    energy = (same_r[..., 1:] - same_r[..., :-1]).abs().mean() / (
-        same.videos[..., 1:] - same.videos[..., :-1]
-    ).abs().mean()
+    energy = horizontal_energy(same_r).mean() / horizontal_energy(same.videos).mean()
     return {
         "codec_evaluator_auc": auroc(full.diagonal(), full[off]),
         "codec_high_only_auc": auroc(hi_same, facesim_matrix(standins.evaluator_high, refs, high_r).diagonal()),

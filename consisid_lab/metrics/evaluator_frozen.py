@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from consisid_lab.utils.faults import require_finite
+
 
 class FrozenEmbedder(nn.Module):
     """Wraps an evaluator so it stays frozen and in eval mode whatever its parent's mode is.
@@ -41,16 +43,20 @@ def check_range(x: Tensor, name: str) -> None:
     """Images handed to a metric must be finite and in [-1, 1] (a [0, 1] or [0, 255] tensor is a caller's bug)."""
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(f"{name} holds {bad} non-finite values (NaN/Inf) of {x.numel()}: nothing can be scored")
+    require_finite("metric input", **{name: x})
     lo, hi = float(x.min()), float(x.max())
     if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         raise ValueError(
             f"{name} must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]; map [0, 1] images with x * 2 - 1 "
             "and [0, 255] ones with x / 127.5 - 1"
         )
+
+
+def check_video(video: Tensor) -> None:
+    """Validate a ``(B, F, 3, H, W)`` video in [-1, 1] handed to a metric on its own."""
+    if video.ndim != 5 or video.shape[2] != 3:
+        raise ValueError(f"video must be (B, F, 3, H, W) in [-1, 1], got shape {tuple(video.shape)}")
+    check_range(video, "video")
 
 
 def check_ref_video(ref: Tensor, video: Tensor) -> None:

@@ -19,8 +19,8 @@ from torchmetrics import Metric
 from consisid_lab.metrics.evaluator_frozen import (
     FrozenEmbedder,
     FrozenGate,
-    check_range,
     check_ref_video,
+    check_video,
     embed_video,
     face_presence,
 )
@@ -97,10 +97,8 @@ class FaceRate(Metric):
 
     def update(self, video: Tensor) -> None:
         """video ``(B, F, 3, H, W)`` in [-1, 1]."""
-        if video.ndim != 5 or video.shape[2] != 3:
-            raise ValueError(f"video must be (B, F, 3, H, W) in [-1, 1], got shape {tuple(video.shape)}")
         require_finite(type(self).__name__, video=video)
-        check_range(video, "video")
+        check_video(video)
         present = face_presence(self.gate, video)
         self.faces += present.sum().double()
         self.frames += present.numel()

@@ -7,15 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from consisid_lab.metrics.evaluator_frozen import FrozenEmbedder, check_range, embed_video
+from consisid_lab.metrics.evaluator_frozen import FrozenEmbedder, check_video, embed_video
 from consisid_lab.utils.faults import require_finite
 
 
 def drift_per_clip(embedder: FrozenEmbedder, video: Tensor) -> Tensor:
     """``1 - mean_f cos(e_f, mean embedding)`` per clip ``(B,)``; 0 when every frame embeds identically."""
-    if video.ndim != 5 or video.shape[2] != 3:
-        raise ValueError(f"video must be (B, F, 3, H, W) in [-1, 1], got shape {tuple(video.shape)}")
-    check_range(video, "video")
+    check_video(video)
     emb = embed_video(embedder, video)  # (B, F, D)
     centre = F.normalize(emb.mean(dim=1), dim=-1)  # (B, D)
     return 1.0 - (emb * centre[:, None]).sum(-1).mean(dim=1)
