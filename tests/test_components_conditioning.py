@@ -329,6 +329,34 @@ def test_masked_loss_averages_over_the_mask_and_guards_empty_masks():
     torch.testing.assert_close(weighted_x0_loss(x0_pred, x0, a), torch.tensor([2.0, 2.0]))
 
 
+def test_weight_cap_caps_the_v_loss_weight_of_nearly_clean_timesteps_only():
+    a = torch.tensor([0.0, 0.5, 0.95, 0.999])  # weights 1 / (1 - a): 1, 2, 20, 1000
+    x0 = torch.zeros(4, 1, 1, 2, 2)
+    x0_pred = torch.ones_like(x0)  # x0 error 1 everywhere
+    exact = weighted_x0_loss(x0_pred, x0, a)
+    torch.testing.assert_close(exact, torch.tensor([1.0, 2.0, 20.0, 1000.0]), rtol=1e-4, atol=0)
+    capped = weighted_x0_loss(x0_pred, x0, a, weight_cap=6.0)
+    torch.testing.assert_close(capped, torch.tensor([1.0, 2.0, 6.0, 6.0]), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="weight_cap"):
+        weighted_x0_loss(x0_pred, x0, a, weight_cap=0.5)
+
+
+def test_adaln_zero_init_starts_every_block_as_the_identity_and_predicts_zero():
+    from consisid_lab.models.backbone import VideoDiT
+
+    torch.manual_seed(0)
+    x, text, t = torch.randn(2, 3, 32, 8, 8), torch.randn(2, 16, 32), torch.tensor([10, 900])
+    zero = VideoDiT(init="adaln_zero")
+    assert zero(x, text, t).abs().max() == 0
+    block = zero.blocks[0]
+    tokens = torch.randn(2, 48, zero.inner_dim)
+    out, _ = block(tokens, torch.randn(2, 16, zero.inner_dim), torch.randn(2, zero.config["time_embed_dim"]))
+    torch.testing.assert_close(out, tokens)  # gates 0: the residual stream passes through
+    assert VideoDiT()(x, text, t).abs().max() > 0  # diffusers' initialisation does not
+    with pytest.raises(ValueError, match="adaln_zero"):
+        VideoDiT(init="zeros")
+
+
 # ------------------------------------------------------------------------------------------------------- sampler
 
 

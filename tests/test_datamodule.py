@@ -171,6 +171,25 @@ def test_dataset_rejects_bad_indices_and_splits() -> None:
         collate_video_batch([])
 
 
+def test_memory_cache_renders_each_training_clip_once_and_serves_the_same_batches(monkeypatch) -> None:
+    from consisid_lab.data import datamodule
+
+    calls: list[tuple[int, int]] = []
+    render = datamodule.make_clip
+
+    def counting(cfg, id_seed, vid_seed):
+        calls.append((id_seed, vid_seed))
+        return render(cfg, id_seed, vid_seed)
+
+    monkeypatch.setattr(datamodule, "make_clip", counting)
+    plain, kept = _dm(memory_cache=False, batch_size=2), _dm(memory_cache=True, batch_size=2)
+    n = len(kept.dataset("train"))  # 8 clips: 4 batches a pass; the stream runs on, pass after pass
+    for a, b in islice(zip(plain.train_dataloader(), kept.train_dataloader()), 3 * n // 2):
+        _assert_batches_equal(a, b)
+    assert len(calls) == 3 * n + n  # the plain module renders every pass, the kept one the first pass only
+    assert kept.dataset("val")._memory is None  # evaluation splits are read once per pass: not kept
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 

@@ -160,9 +160,11 @@ def test_store_builds_all_networks_with_the_public_interface(tiny_store) -> None
     video = x[:, None].expand(2, 5, *x.shape[1:])  # (B, 4k+1, 3, H, W)
     assert s.codec.decode(s.codec.encode(video)).shape == video.shape
     for name in s.rebuilt:
-        info = json.loads((cache / name / "config.json").read_text())
+        # Entries live in their recipe's folder: a tiny build never replaces the default stand-ins.
+        info = json.loads((cache / "tiny" / name / "config.json").read_text())
         assert info["recipe"]["name"] == "tiny" and len(info["key"]) == 64
-        assert (cache / name / "model.safetensors").stat().st_size > 0
+        assert (cache / "tiny" / name / "model.safetensors").stat().st_size > 0
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == ["tiny"]
 
 
 def test_store_round_trip_loads_identical_weights(tiny_store) -> None:
@@ -196,11 +198,11 @@ def test_store_rebuilds_stale_and_corrupt_entries(tiny_store, caplog) -> None:
     from consisid_lab.encoders.training import Recipe
 
     cache, _ = tiny_store
-    config = cache / "evaluator_low" / "config.json"
+    config = cache / "tiny" / "evaluator_low" / "config.json"
     info = json.loads(config.read_text())
     info["key"] = "0" * 64  # as if trained with another generator config / recipe
     config.write_text(json.dumps(info))
-    weights = cache / "evaluator_high" / "model.safetensors"
+    weights = cache / "tiny" / "evaluator_high" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)  # corrupt the tail of the weights
     with caplog.at_level(logging.WARNING, logger="consisid_lab.encoders.store"):
         s = load_standins(cache, recipe=Recipe.tiny())

@@ -1,6 +1,7 @@
 """Build-or-load the stand-in encoders of the synthetic benchmark.
 
-Each network is one cache entry ``<cache_dir>/<name>/`` holding ``model.safetensors`` and ``config.json``. The
+Each network is one cache entry ``<cache_dir>/<recipe>/<name>/`` (one folder per recipe: a tiny test build never
+replaces the default one) holding ``model.safetensors`` and ``config.json``. The
 config carries the architecture, the training recipe, the generator config, a hash of all of them plus the
 generator's source (``key``), and the SHA-256 of the weights file. An entry whose key differs from the
 requested one (stale) or whose weights do not match their checksum or do not load (corrupt) is logged and
@@ -74,6 +75,12 @@ def default_cache_dir() -> Path:
     """``$CONSISID_LAB_CACHE`` or ``~/.cache/consisid_lab/standins``."""
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "consisid_lab" / "standins"
+
+
+def recipe_dir(cache_dir: str | Path | None, recipe_name: str) -> Path:
+    """The folder of one recipe's entries: ``<cache_dir>/<recipe name>/<entry>``."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / recipe_name
 
 
 def default_specs() -> dict[str, EntrySpec]:
@@ -299,8 +306,9 @@ def load_standins(
     generator_config: the ``SyntheticConfig`` the networks train on (default: the generator's defaults).
     rebuild: ignore the cache and rebuild everything.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     recipes = Recipes.named(recipe or Recipe())
+    # One folder per recipe: a tiny (test) build never replaces the default stand-ins, which take minutes.
+    cache_dir = recipe_dir(cache_dir, recipes.main.name)
     generator_config = generator_config if generator_config is not None else default_generator_config()
     specs = default_specs()
     modules: dict[str, nn.Module] = {}

@@ -77,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 InjectFn = Callable[[Tensor], Tensor]
+INITS = ("default", "adaln_zero")
 
 
 class InjectableBlock(CogVideoXBlock):
@@ -155,6 +156,10 @@ class VideoDiT(nn.Module):
         text_dim: width of the text tokens; ``None`` keeps the preset's ``text_embed_dim``.
         injector: where identity tokens enter (``None``: no injection).
         gradient_checkpointing: recompute each block in the backward pass.
+        init: ``default`` (diffusers' initialisation) or ``adaln_zero``: the adaptive norms' modulation layers
+            and the output projection start at zero, so every block starts as the identity and the model's first
+            prediction is 0 (DiT's adaLN-Zero, Peebles & Xie 2023). For backbones trained from scratch; loaded
+            weights replace it.
         config: further ``CogVideoXTransformer3DModel`` arguments overriding the preset.
     """
 
@@ -167,8 +172,11 @@ class VideoDiT(nn.Module):
         injector: Injector | None = None,
         gradient_checkpointing: bool = False,
         config: dict[str, Any] | None = None,
+        init: str = "default",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"backbone init={init!r} is unknown; pick one of {INITS}")
         if preset not in PRESETS:
             raise ValueError(f"backbone preset {preset!r} is unknown; pick one of {sorted(PRESETS)}")
         cfg = {**PRESETS[preset], **dict(config or {})}
@@ -179,6 +187,8 @@ class VideoDiT(nn.Module):
             raise ValueError("patch_size_t (CogVideoX 1.5 temporal patches) is not supported; set it to null")
         self.transformer = CogVideoXTransformer3DModel(**cfg)
         self._use_injectable_blocks()
+        if init == "adaln_zero":
+            self._zero_modulation()
         self.injector: Injector = NoInjector()
         self.set_injector(injector)
         self.gradient_checkpointing = gradient_checkpointing
@@ -193,6 +203,13 @@ class VideoDiT(nn.Module):
         for b_new, b_old in zip(new, old):
             b_new.load_state_dict(b_old.state_dict(), strict=True, assign=True)
         self.transformer.transformer_blocks = nn.ModuleList(new)
+
+    def _zero_modulation(self) -> None:
+        t = self.transformer
+        layers = [m for blk in t.transformer_blocks for m in (blk.norm1.linear, blk.norm2.linear)]
+        for layer in (*layers, t.norm_out.linear, t.proj_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     # ------------------------------------------------------------------ configuration
     @property

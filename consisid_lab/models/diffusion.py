@@ -87,8 +87,18 @@ def v_to_x0(scheduler: CogVideoXDPMScheduler, x_t: Tensor, v: Tensor, timesteps:
     return a.sqrt() * x_t.float() - (1 - a).sqrt() * v.float()
 
 
-def weighted_x0_loss(x0_pred: Tensor, x0: Tensor, alphas_cumprod_t: Tensor, mask: Tensor | None = None) -> Tensor:
+def weighted_x0_loss(
+    x0_pred: Tensor,
+    x0: Tensor,
+    alphas_cumprod_t: Tensor,
+    mask: Tensor | None = None,
+    weight_cap: float | None = None,
+) -> Tensor:
     """Per-sample ``mean(||x0_pred - x0||^2) / (1 - alpha_bar_t)``: ``(B,)``, float32.
+
+    ``weight_cap``: the weight ``1 / (1 - alpha_bar_t) = SNR_t + 1`` is capped at ``weight_cap`` (Min-SNR-gamma
+    weighting with gamma = weight_cap - 1, Hang et al. 2023, in its v-prediction form): the nearly clean
+    timesteps, which carry most of the exact v-loss, stop dominating the gradient. ``None``: the exact v-loss.
 
     x0_pred, x0: ``(B, f, C, h, w)``; alphas_cumprod_t: ``(B,)``; mask: ``(B, f, 1, h, w)`` in {0, 1} (or soft),
     broadcast over channels. With a mask the squared error is averaged over the masked elements only; a sample
@@ -108,7 +118,12 @@ def weighted_x0_loss(x0_pred: Tensor, x0: Tensor, alphas_cumprod_t: Tensor, mask
         count = m.flatten(1).sum(1)  # (B,)
         masked = (err * m).flatten(1).sum(1) / count.clamp_min(1e-8)
         per_sample = torch.where(count > 0, masked, full)
-    return per_sample / (1 - alphas_cumprod_t.float())
+    weight = 1.0 / (1 - alphas_cumprod_t.float())
+    if weight_cap is not None:
+        if weight_cap < 1:
+            raise ValueError(f"weight_cap={weight_cap} must be >= 1 (the weight at pure noise), or null for none")
+        weight = weight.clamp(max=float(weight_cap))
+    return per_sample * weight
 
 
 @dataclass

@@ -314,7 +314,7 @@ class IdentityVideoModule(pl.LightningModule):
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         x0_hat = v_to_x0(self.noise_scheduler, x_t, self.denoise(x_t, t, text, g, tokens), t)
         alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)[t]  # (B,)
-        return weighted_x0_loss(x0_hat, x0, alphas_cumprod, mask=mask)
+        return weighted_x0_loss(x0_hat, x0, alphas_cumprod, mask=mask, weight_cap=self.loss_cfg.get("weight_cap"))
 
     def _latent_mask(self, face_mask: Tensor, latent_shape: torch.Size) -> Tensor:
         """Face mask ``(B, F, 1, H, W)`` -> latent grid ``(B, f, 1, h, w)`` (any pixel of a cell counts)."""
