@@ -64,6 +64,19 @@ def coffee_frames(n: int, size: int = SIZE) -> np.ndarray:
     return np.stack([_resize(c[i * 4 : i * 4 + 400, i * 4 : i * 4 + 400], size, size) for i in range(n)])
 
 
+# Square crops (side, x0, y0) of scikit-image's cat photo in which MediaPipe's detector sees a face in fur.
+CAT_CROPS = ((300, 0, 0), (200, 60, 60), (200, 120, 0), (250, 0, 30), (300, 10, 0), (300, 20, 0), (280, 5, 5))
+
+
+def cat_frames(n: int, size: int = SIZE) -> np.ndarray:
+    """``(n, size, size, 3)``: a cat (``skimage.data.chelsea()``), framed so that the face detector fires on it."""
+    from skimage.data import chelsea
+
+    c = chelsea()
+    crops = [CAT_CROPS[i % len(CAT_CROPS)] for i in range(n)]
+    return np.stack([_resize(c[y : y + s, x : x + s], size, size) for s, x, y in crops])
+
+
 def write_corrupt(path: Path) -> None:
     path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
 
