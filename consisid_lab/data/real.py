@@ -61,6 +61,7 @@ from consisid_lab.data.video_io import (
     read_frames,
 )
 from consisid_lab.faces.analysis import (
+    MESH_AGREEMENT,
     FaceAnalyzer,
     FaceInfo,
     FacePolicy,
@@ -290,6 +291,7 @@ class ClipSampling:
     tolerance: int = SEGMENT_TOLERANCE
     box_confidence: float = BOX_CONFIDENCE
     mask_part: str = "face"
+    mesh_agreement: float | None = MESH_AGREEMENT
 
     def validate(self) -> None:
         check_num_frames(self.num_frames)
@@ -305,6 +307,8 @@ class ClipSampling:
             )
         if self.mask_part not in ("face", "head"):
             raise ValueError(f"mask_part={self.mask_part!r}: pick 'face' or 'head' (the track mask used per frame)")
+        if self.mesh_agreement is not None and not float(self.mesh_agreement) > 0:
+            raise ValueError(f"mesh_agreement={self.mesh_agreement} must be > 0 (a share of the face box) or null")
         if int(self.tolerance) < 1:
             raise ValueError(f"tolerance={self.tolerance} must be >= 1 (frames between valid frames of one segment)")
 
@@ -343,6 +347,13 @@ class ClipBuilder(LazyFaceAnalyzer):
         sampling.validate()
         self.sampling = sampling
         self._analyzer: FaceAnalyzer | None = None
+
+    @property
+    def analyzer(self) -> FaceAnalyzer:
+        # Real clips: a detection counts only where the face mesh confirms it (see MESH_AGREEMENT).
+        if self._analyzer is None:
+            self._analyzer = FaceAnalyzer(mesh_agreement=self.sampling.mesh_agreement)
+        return self._analyzer
 
     def build(self, entry: VideoEntry, identity: int, clip_id: int) -> dict:
         """The item of ``entry``; raises a ``SAMPLE_ERRORS`` error for an unusable one."""

@@ -31,6 +31,7 @@ from consisid_lab.data.real import (
 from consisid_lab.data.released_layout import BOX_CONFIDENCE, MIN_SOURCE_FRAMES, SEGMENT_TOLERANCE
 from consisid_lab.data.sampler import ResumableSampler
 from consisid_lab.data.skip_log import SkipLog, count_reasons, read_skipped
+from consisid_lab.faces.analysis import MESH_AGREEMENT
 from consisid_lab.types import VideoBatch
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class RealVideoDataModule(L.LightningDataModule):
             in the ConsisID layout the skips and the position apply inside the longest valid segment of the track.
         face_policy: which face MediaPipe picks when there is no track (``largest``, ``center``, ``highest_score``).
         min_face_share: a clip is used only if the chosen face is found in at least this share of its frames.
+        mesh_agreement: a detection counts only if the face mesh's eyes and nose lie within this share of the box
+            side of the detector's (``None``: any detection with a mesh counts).
         track: ConsisID layout: which track of a multi-person clip (``largest``, ``longest`` or a track id).
         min_source_frames: ConsisID layout: caption rows with ``fps x duration`` under this are dropped (release: 49).
         tolerance: ConsisID layout: valid frames at most this far apart form one segment.
@@ -81,6 +84,7 @@ class RealVideoDataModule(L.LightningDataModule):
         tolerance: int = SEGMENT_TOLERANCE,
         box_confidence: float = BOX_CONFIDENCE,
         mask_part: str = "face",
+        mesh_agreement: float | None = MESH_AGREEMENT,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         batch_size: int = 2,
@@ -114,7 +118,7 @@ class RealVideoDataModule(L.LightningDataModule):
         self.min_source_frames = int(min_source_frames)
         self.sampling = ClipSampling(
             height, width, num_frames, stride, skip_head, skip_tail, position, face_policy, track,
-            min_face_share, tolerance, box_confidence, mask_part,
+            min_face_share, tolerance, box_confidence, mask_part, mesh_agreement,
         )  # fmt: skip
         self.sampling.validate()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
