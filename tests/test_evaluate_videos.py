@@ -77,6 +77,7 @@ def _random_inception(path: Path) -> Path:
     """torch-fidelity's FID Inception with random weights: its constructor is run with the weight loading stubbed
     out once, so the file has exactly its keys (no download)."""
     import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
     cls = fidelity.FeatureExtractorInceptionV3
     original = cls.load_state_dict
     with pytest.MonkeyPatch.context() as mp:
