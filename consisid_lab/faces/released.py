@@ -135,7 +135,8 @@ class ReleasedFacePipeline:
                 "with a clearly visible, roughly frontal face"
             ) from e
         except IndexError as e:  # facexlib's landmarks list is empty when RetinaFace finds nothing
-            raise NoFaceError(f"no face found in {describe(photo, source)} by the release's facexlib RetinaFace") from e
+            where = describe(photo, source)
+            raise NoFaceError(f"no face found in {where} by the release's facexlib RetinaFace") from e
         # The release works on the photo resized to a 1024 long side; report points in the photo's own pixels.
         s = _resize_scale(photo.shape[:2])
         affine = np.asarray(helper_1.affine_matrices[0], np.float64).copy()
@@ -180,7 +181,7 @@ def ffhq_affine(kps: np.ndarray) -> np.ndarray:
 def mediapipe_crop(photo: np.ndarray, face) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``mediapipe`` pipeline's aligned 512 crop of ``face`` (a :class:`~consisid_lab.faces.analysis.FaceInfo`
     of ``photo``): ``(crop (512, 512, 3) uint8 white outside the face oval, kept mask (512, 512) bool, affine (2, 3)
-    photo -> crop)``. The warp is facexlib's (bilinear, facexlib's grey border (BGR 135, 133, 132) as in ``align_warp_face``)."""
+    photo -> crop)``. The warp is facexlib's ``align_warp_face`` (bilinear, grey border BGR 135, 133, 132)."""
     import cv2
 
     affine = ffhq_affine(face.kps)
