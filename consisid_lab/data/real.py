@@ -17,7 +17,9 @@ analysis of the source frames, mapped to the resized ones (the layout's track ma
 is used only if the chosen person's face is found (detected and confirmed by the face mesh) in at least
 ``min_face_share`` of its frames. ``intra_face`` is the face of a frame inside the clip, ``ref_face`` one from outside
 the clip (the cross-face reference; the intra face when the video has no usable frame outside the clip); both are
-parsed (white outside the face oval).
+made as the release makes its reference faces: the aligned 512 crop of the source frame, parsed, resized to the video
+size (``face_pipeline``: ``mediapipe``, white outside the face oval, or ``released``, diffusers' own functions with
+the released label set whitened; :mod:`consisid_lab.faces.released`).
 
 A corrupt or too short video, a clip without enough face, an entry without a caption or with missing annotations is
 recorded in ``skipped.jsonl`` with its reason and the next item is served instead, so a run never stops on one bad
@@ -67,9 +69,9 @@ from consisid_lab.faces.analysis import (
     FacePolicy,
     LazyFaceAnalyzer,
     NoFaceError,
-    parse_face,
     select_face,
 )
+from consisid_lab.faces.released import check_pipeline, reference_crop, to_video_size
 from consisid_lab.types import VideoBatch
 
 logger = logging.getLogger(__name__)
@@ -292,9 +294,19 @@ class ClipSampling:
     box_confidence: float = BOX_CONFIDENCE
     mask_part: str = "face"
     mesh_agreement: float | None = MESH_AGREEMENT
+    # How the reference faces (ref_face / intra_face) are made: the aligned 512 crop, parsed, resized to the video
+    # size (consisid_lab.faces.released). "released" reads face_models/face_encoder/ (a published directory).
+    face_pipeline: str = "mediapipe"
+    face_models: str | None = None
 
     def validate(self) -> None:
         check_num_frames(self.num_frames)
+        check_pipeline(self.face_pipeline)
+        if self.face_pipeline == "released" and self.face_models is None:
+            raise ValueError(
+                "data.face_pipeline=released needs data.face_models=DIR, the published ConsisID directory whose "
+                "face_encoder/ holds the release's face weights"
+            )
         for name in ("height", "width", "stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -355,6 +367,28 @@ class ClipBuilder(LazyFaceAnalyzer):
             self._analyzer = FaceAnalyzer(mesh_agreement=self.sampling.mesh_agreement)
         return self._analyzer
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_released"] = None  # face models are rebuilt in each worker
+        return state
+
+    def _reference(self, source: np.ndarray, tf: CropTransform, face: FaceInfo, what: str):
+        """``(image (H, W, 3) uint8, kps (5, 2), mask (H, W) bool)``: the aligned 512 crop of ``face`` (a face of
+        the output frame) from the ``source`` frame by the configured pipeline, resized to the video size."""
+        s = self.sampling
+        if s.face_pipeline == "released":
+            if getattr(self, "_released", None) is None:
+                from consisid_lab.faces.released import ReleasedFacePipeline
+
+                self._released = ReleasedFacePipeline(s.face_models)
+            crop, kps, mask = reference_crop(source, "released", released=self._released, source=what)
+        else:
+            own = next((f for f in self.analyzer(source) if np.allclose(tf.boxes(f.box), face.box)), None)
+            if own is None:  # pragma: no cover - the same detector on the same frame
+                raise NoFaceError(f"{what}: the chosen face was not found again in the source frame")
+            crop, kps, mask = reference_crop(source, "mediapipe", face=own)
+        return to_video_size(crop, kps, mask, s.height, s.width)
+
     def build(self, entry: VideoEntry, identity: int, clip_id: int) -> dict:
         """The item of ``entry``; raises a ``SAMPLE_ERRORS`` error for an unusable one."""
         s = self.sampling
@@ -409,19 +443,24 @@ class ClipBuilder(LazyFaceAnalyzer):
         j_intra = min((j for j, c in enumerate(chosen) if c is not None), key=lambda j: abs(j - mid))
         intra = chosen[j_intra]
         assert intra is not None
-        ref_image, ref_face = self._cross_reference(frames, cross_candidates, tf, track, intra)
+        ref_at, ref_face = self._cross_reference(frames, cross_candidates, tf, track, intra)
         if ref_face is None:
             logger.debug("%s: no face outside the clip; the cross-face reference is the intra face", entry.path)
-            ref_image, ref_face = clip[j_intra], intra
+            ref_at, ref_face = int(idx[j_intra]), intra
+        ref_image, ref_kps, ref_mask = self._reference(frames[ref_at], tf, ref_face, f"{entry.path} frame {ref_at}")
+        intra_at = int(idx[j_intra])
+        intra_image, intra_kps, intra_mask = self._reference(
+            frames[intra_at], tf, intra, f"{entry.path} frame {intra_at}"
+        )
         return {
             "video": _to_tensor_image(clip),  # (F, 3, H, W)
             "caption": entry.caption,
-            "ref_face": _to_tensor_image(parse_face(ref_image, ref_face)),  # (3, H, W)
-            "ref_kps": torch.from_numpy(ref_face.kps.copy()),  # (5, 2)
-            "ref_mask": _to_tensor_mask(ref_face.mask),  # (1, H, W)
-            "intra_face": _to_tensor_image(parse_face(clip[j_intra], intra)),
-            "intra_kps": torch.from_numpy(intra.kps.copy()),
-            "intra_mask": _to_tensor_mask(intra.mask),
+            "ref_face": _to_tensor_image(ref_image),  # (3, H, W): the aligned crop, parsed, at the video size
+            "ref_kps": torch.from_numpy(ref_kps),  # (5, 2) in that image
+            "ref_mask": _to_tensor_mask(ref_mask),  # (1, H, W)
+            "intra_face": _to_tensor_image(intra_image),
+            "intra_kps": torch.from_numpy(intra_kps),
+            "intra_mask": _to_tensor_mask(intra_mask),
             "kps": torch.from_numpy(np.stack(kps).astype(np.float32)),  # (F, 5, 2)
             "face_mask": _to_tensor_mask(np.stack(face_masks)),  # (F, 1, H, W)
             "boxes": torch.from_numpy(np.stack(boxes).astype(np.float32)),  # (F, 4)
@@ -485,9 +524,8 @@ class ClipBuilder(LazyFaceAnalyzer):
         tf: CropTransform,
         track: dict[int, np.ndarray] | None,
         intra: FaceInfo,
-    ) -> tuple[np.ndarray | None, FaceInfo | None]:
+    ) -> tuple[int | None, FaceInfo | None]:
         for i in candidates:
-            image = tf.image(frames[i])
             faces = self._analyze(frames[i], tf)
             if not faces:
                 continue
@@ -497,7 +535,7 @@ class ClipBuilder(LazyFaceAnalyzer):
                 # Without a track outside the clip the policy decides, as it did inside the clip.
                 face = select_face(faces, self.sampling.face_policy)  # type: ignore[arg-type]
             if face is not None:
-                return image, face
+                return i, face
         return None, None
 
 

@@ -85,6 +85,8 @@ class RealVideoDataModule(L.LightningDataModule):
         box_confidence: float = BOX_CONFIDENCE,
         mask_part: str = "face",
         mesh_agreement: float | None = MESH_AGREEMENT,
+        face_pipeline: str = "mediapipe",
+        face_models: str | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         batch_size: int = 2,
@@ -119,6 +121,7 @@ class RealVideoDataModule(L.LightningDataModule):
         self.sampling = ClipSampling(
             height, width, num_frames, stride, skip_head, skip_tail, position, face_policy, track,
             min_face_share, tolerance, box_confidence, mask_part, mesh_agreement,
+            face_pipeline=face_pipeline, face_models=face_models,
         )  # fmt: skip
         self.sampling.validate()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

@@ -225,11 +225,14 @@ def reference_crop(
 
 def to_video_size(crop: np.ndarray, kps: np.ndarray, mask: np.ndarray, height: int, width: int):
     """The 512 crop resized to ``height x width`` as the released pipeline feeds it (a plain resize, aspect not
-    kept): ``(image (H, W, 3) uint8, keypoints (5, 2), mask (H, W) bool)``; pixel centres at integers."""
+    kept): ``(image (H, W, 3) uint8, keypoints (5, 2), mask (H, W) bool)``; pixel centres at integers. The mask is
+    where the crop's mask covers most of a pixel; the image is white outside it (boundary pixels inside it keep the
+    resize's blend with the white)."""
     import cv2
 
     sx, sy = width / crop.shape[1], height / crop.shape[0]
     image = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
     small = cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA) > 0.5
+    image[~small] = WHITE
     points = (np.asarray(kps, np.float32) + 0.5) * np.array([sx, sy], np.float32) - 0.5
     return image, points.astype(np.float32), small
