@@ -1,9 +1,12 @@
-"""Preprocessing task: `python -m consisid_lab.preprocess data=folder data.root=DIR [cache_dir=...] [num_workers=N]`.
+"""Preprocessing task: `python -m consisid_lab.preprocess data=folder data.root=DIR [cache_dir=...] [num_workers=N]`,
+or for the released layout `data=consisid data.list=PATH/total_train_data.txt data.root=DIR`.
 
 Decodes every video of the dataset, samples its clip, finds and tracks the face (MediaPipe), picks the references
 inside and outside the clip, and caches frames, VAE latents, text embeddings and identity features in shards under
 ``<cache_dir>/<config hash>/`` (see :mod:`consisid_lab.data.feature_cache`). Clips already in the cache are skipped
-(resumable); decoding and face analysis run in ``num_workers`` DataLoader workers while the main process encodes.
+(resumable), and so are clips that failed under the same config (remembered in ``failed.jsonl`` of the cache folder;
+``retry_failed=true`` tries them again); decoding and face analysis run in ``num_workers`` DataLoader workers while
+the main process encodes.
 Unusable videos go to ``skipped.jsonl`` in the run folder; counts and throughput go to the log and to
 ``preprocess_metrics.json``. Training reads the cache with ``data.feature_cache_dir=<cache_dir>``.
 
@@ -34,6 +37,7 @@ from consisid_lab.utils.instantiate import instantiate
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "preprocess_metrics.json"
+UNEXPECTED_PREFIX = "error:"  # skip_reason() of an exception that is no known bad-sample error
 REAL_LOCAL_ENCODER = "consisid_lab.models.local_encoder_real.RealFaceLocalEncoder"
 
 
@@ -155,16 +159,26 @@ def preprocess(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, 
     digest = datamodule.content_hash()
     folder = cache_folder(cfg.cache_dir, digest)
     writer = FeatureCacheWriter(folder, datamodule.content_config(), digest, shard_size=cfg.shard_size)
+    if cfg.get("retry_failed", False):
+        writer.forget_failed()
     splits = datamodule.entries()
+    total = sum(len(v) for v in splits.values())
+    remembered = [e for entries in splits.values() for e in entries if e.key in writer.failed]
+    for e in remembered:  # failed before under this config: recorded for this run's summary, not decoded again
+        row = writer.failed[e.key]
+        detail = f"{row.get('detail', '')} (remembered from an earlier run; retry_failed=true tries again)".strip()
+        skip_log.record(e.path, row["reason"], detail, key=e.key)
     jobs = [
         (split, i, e)
         for split, entries in splits.items()
         for i, e in enumerate(entries)
-        if e.key not in writer.finished
+        if e.key not in writer.finished and e.key not in writer.failed
     ]
-    total = sum(len(v) for v in splits.values())
-    already = total - len(jobs)
-    log.info("feature cache %s: %d clips, %d already cached, %d to build", folder, total, already, len(jobs))
+    already = sum(e.key in writer.finished for entries in splits.values() for e in entries)
+    log.info(
+        "feature cache %s: %d clips, %d already cached, %d failed before, %d to build",
+        folder, total, already, len(remembered), len(jobs),
+    )  # fmt: skip
 
     encoders = Encoders(cfg) if jobs else None
     loader = DataLoader(
@@ -183,8 +197,11 @@ def preprocess(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, 
             entry, item = p["entry"], p["item"]
             if isinstance(res, str):
                 skip_log.record(entry.path, res, key=entry.key)
+                writer.add_failed(entry.key, res)
                 continue
             meta = {"split": p["split"], **{k: item[k] for k in ("caption", "identity", "clip_id", "key", "track_id")}}
+            if "face_share" in item:
+                meta["face_share"] = round(float(item["face_share"]), 4)
             writer.add(meta, {**item_to_tensors(item), **res})
             n += 1
         return n
@@ -196,6 +213,8 @@ def preprocess(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, 
             if "error" in result:
                 reason, detail = result["error"]
                 skip_log.record(result["entry"].path, reason, detail, key=result["entry"].key)
+                if not reason.startswith(UNEXPECTED_PREFIX):  # an unforeseen error may be passing: tried again
+                    writer.add_failed(result["entry"].key, reason, detail)
             else:
                 pending.append(result)
                 if len(pending) >= cfg.encode_batch_size:
@@ -213,6 +232,7 @@ def preprocess(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, 
         "hash": digest,
         "clips_total": total,
         "clips_cached_before": already,
+        "clips_failed_before": len(remembered),
         "clips_built": built,
         "clips_in_cache": len(writer.finished),
         "skipped": skipped,

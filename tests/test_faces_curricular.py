@@ -83,3 +83,15 @@ def test_wrong_layout_fails_loudly(weights, tmp_path):
         CurricularFace(tmp_path / "broken.bin")
     with pytest.raises(FileNotFoundError, match="glint360k_curricular_face_r101_backbone.bin"):
         CurricularFace(tmp_path / "missing.bin")
+
+
+def test_stage_layout_is_read_from_the_file(tmp_path):
+    from consisid_lab.faces.curricularface import IR101_DEPTHS, IR101_UNITS, ir_layout
+
+    with torch.device("meta"):
+        assert ir_layout(IRBackbone().state_dict()) == (IR101_UNITS, IR101_DEPTHS)
+    small = IRBackbone(units=(1, 2, 1, 1), depths=(8, 16, 24, 32)).eval()
+    torch.save(small.state_dict(), tmp_path / "small.bin")
+    loaded = CurricularFace(tmp_path / "small.bin")
+    x = torch.randn(2, 3, 112, 112)
+    assert torch.allclose(loaded(x), small(x), atol=1e-6)

@@ -181,4 +181,29 @@ def test_mesh_renderer_draws_the_chosen_face():
 
     coffee = torch.from_numpy(skimage_data.coffee()).permute(2, 0, 1).float().div(127.5).sub(1)[None]
     with pytest.raises(NoFaceError, match="image 0 of the batch"):
-        MeshKeypointRenderer()(coffee, torch.zeros(1, 5, 2))
+        MeshKeypointRenderer(on_no_face="raise")(coffee, torch.zeros(1, 5, 2))
+
+
+def test_mesh_renderer_draws_the_keypoints_where_mediapipe_misses_a_small_face():
+    from consisid_lab.data.datamodule import SyntheticDataModule
+    from consisid_lab.faces.analysis import FaceAnalyzer, to_rgb_uint8
+    from consisid_lab.models.keypoints import FivePointRenderer
+    from consisid_lab.models.keypoints_mesh import MeshKeypointRenderer
+
+    dm = SyntheticDataModule(
+        num_train_identities=2, num_val_identities=1, num_test_identities=6, clips_per_identity=1, height=32,
+        width=32, num_frames=5, cache_dir=None,
+    )  # fmt: skip
+    items = [dm.dataset("test")[i] for i in range(6)]
+    faces, kps = torch.stack([it["ref_face"] for it in items]), torch.stack([it["ref_kps"] for it in items])
+    with FaceAnalyzer() as fa:
+        missed = [not fa(to_rgb_uint8(f)) for f in faces]
+    assert any(missed) and not all(missed)  # the case of the issue: some 32 x 32 references have no MediaPipe face
+    renderer = MeshKeypointRenderer()
+    out = renderer(faces, kps)  # a training step goes on
+    assert renderer.fallbacks == sum(missed)
+    five = FivePointRenderer()(faces, kps)
+    for i, miss in enumerate(missed):
+        assert torch.allclose(out[i], five[i], atol=1e-5) == miss, i
+    with pytest.raises(NoFaceError):
+        MeshKeypointRenderer(on_no_face="raise")(faces, kps)

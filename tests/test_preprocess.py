@@ -112,12 +112,26 @@ def test_end_to_end_cache_matches_the_on_the_fly_items(dataset, standin_dir, tmp
     assert seen == 4
 
 
-def test_resume_skips_finished_clips_and_hash_mismatch_rebuilds(dataset, standin_dir, tmp_path):
+def test_resume_skips_finished_clips_and_hash_mismatch_rebuilds(dataset, standin_dir, tmp_path, monkeypatch):
+    from consisid_lab.data.real import ClipBuilder
+
+    built: list[str] = []
+    build = ClipBuilder.build
+    monkeypatch.setattr(ClipBuilder, "build", lambda self, e, **kw: built.append(e.key) or build(self, e, **kw))
     cfg = _cfg(dataset, standin_dir, tmp_path / "run", tmp_path / "cache")
     first = preprocess(cfg)
     folder = Path(first["cache_dir"])
+    assert len(built) == 6 and first["clips_failed_before"] == 0
+    built.clear()
     again = preprocess(cfg)
     assert again["clips_built"] == 0 and again["clips_cached_before"] == 4 and again["cache_dir"] == str(folder)
+    # the corrupt and the face-free clip failed under this config: remembered, reported, not decoded again
+    assert built == [] and again["clips_failed_before"] == 2
+    assert again["skipped"] == {"missing caption": 1, "corrupt video": 1, "no face": 1}
+    retried = preprocess(_cfg(dataset, standin_dir, tmp_path / "run_retry", tmp_path / "cache", "retry_failed=true"))
+    assert sorted(built) == ["coffee.mp4", "corrupt.mp4"] and retried["clips_failed_before"] == 0
+    assert retried["skipped"] == again["skipped"]  # they fail again, and are remembered again
+    assert preprocess(cfg)["clips_failed_before"] == 2
 
     # an interrupted run: the last clip never reached the index -> only that clip is rebuilt
     lines = (folder / INDEX_FILE).read_text().splitlines()
@@ -166,3 +180,78 @@ def test_cli_with_parallel_workers(dataset, standin_dir, tmp_path):
     metrics = json.loads((tmp_path / "run" / "preprocess_metrics.json").read_text())
     assert metrics["clips_built"] == 4 and metrics["num_workers"] == 2 and metrics["skipped_total"] == 3
     assert (tmp_path / "run" / "skipped.jsonl").is_file()
+
+
+@pytest.fixture(scope="module")
+def cat_folder(tmp_path_factory):
+    """Two clips of a real face, a cat the face detector fires on, a face in only the first few frames and a corrupt
+    file (the folder a new user tried)."""
+    import numpy as np
+    from _real_videos import cat_frames, face_frames, write_corrupt
+
+    from consisid_lab.data.video_io import write_video
+
+    root = tmp_path_factory.mktemp("cat_folder")
+    clips = {
+        "face_a": face_frames(12, seed=1),
+        "face_b": face_frames(12, seed=2),
+        "cat": cat_frames(12),
+        "brief": np.concatenate([face_frames(6, seed=3), cat_frames(6)]),  # sampled frames 2, 4 of 2..10 show the face
+    }
+    for name, frames in clips.items():
+        write_video(root / f"{name}.mp4", frames)
+        (root / f"{name}.txt").write_text(f"a clip called {name}")
+    write_corrupt(root / "broken.mp4")
+    (root / "broken.txt").write_text("a broken file")
+    return root
+
+
+def test_a_cat_and_a_corrupt_file_are_skipped_and_the_faces_cached(cat_folder, standin_dir, tmp_path):
+    # what made the cat pass before: the detector and the mesh both find a "face" in most of its frames
+    from _real_videos import cat_frames
+
+    from consisid_lab.faces.analysis import FaceAnalyzer
+
+    unchecked = FaceAnalyzer(mesh_agreement=None)
+    assert sum(bool(unchecked(f)) for f in cat_frames(7)) >= 4
+    unchecked.close()
+
+    cfg = _cfg(
+        cat_folder, standin_dir, tmp_path / "run", tmp_path / "cache", "data.val_fraction=0", "data.test_fraction=0"
+    )
+    m = preprocess(cfg)
+    assert {r["key"] for r in read_index(Path(m["cache_dir"]))} == {"face_a.mp4", "face_b.mp4"}
+    records = {Path(r["path"]).name: r for r in read_skipped(tmp_path / "run" / "skipped.jsonl")}
+    assert {k: r["reason"] for k, r in records.items()} == {
+        "cat.mp4": "no face",
+        "brief.mp4": "no face",
+        "broken.mp4": "corrupt video",
+    }
+    assert "found in 2 of 5 frames (40%)" in records["brief.mp4"]["detail"]  # the share is in the record
+    assert m["skipped"] == {"no face": 2, "corrupt video": 1}
+
+
+def test_released_layout_preprocesses_and_counts_each_reason(standin_dir, tmp_path):
+    import json as _json
+    import shutil
+
+    from _real_videos import make_consisid_dataset
+
+    root = tmp_path / "released"
+    info = make_consisid_dataset(root)
+    shutil.rmtree(root / "data" / "track_masks_data" / "solo" / "tracking_mask_results" / "1")
+    boxes = _json.loads((root / "data" / "refine_bbox_jsons" / "duo.json").read_text())
+    (root / "data" / "refine_bbox_jsons" / "duo.json").write_text(
+        _json.dumps({t: {**parts, "face": [], "head": []} for t, parts in boxes.items()})
+    )
+    cfg = _cfg(
+        root, standin_dir, tmp_path / "run", tmp_path / "cache", "data=consisid", f"data.list={info['list']}",
+        "data.val_fraction=0", "data.test_fraction=0",
+    )  # fmt: skip
+    m = preprocess(cfg)
+    assert {r["key"] for r in read_index(Path(m["cache_dir"]))} == {"data/videos/solo_b.mp4"}
+    assert m["skipped"] == {
+        "missing caption": 1, "missing video": 1, "too short": 1, "missing masks": 1, "missing track": 1,
+    }  # fmt: skip
+    (row,) = read_index(Path(m["cache_dir"]))
+    assert row["track_id"] == 4 and row["face_share"] == 1.0

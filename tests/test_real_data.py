@@ -1,4 +1,5 @@
-"""Real-video datasets (ConsisID layout, plain folder), video I/O, bad-sample handling, the real local encoder."""
+"""Real-video datasets (plain folder; the released layout is in test_released_layout.py), video I/O, bad-sample
+handling, face-track quality, the real local encoder."""
 
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _real_videos import SIZE, face_frames, make_consisid_dataset, make_folder_dataset, two_person_frames
+from _real_videos import SIZE, face_frames, make_folder_dataset, two_person_frames
 
 pytest.importorskip("mediapipe")
 pytest.importorskip("av")
 
 from consisid_lab.data.real import (  # noqa: E402
     ClipSampling,
-    ConsisIDLayoutDataset,
     FolderVideoDataset,
     VideoEntry,
     collate_real_batch,
@@ -42,13 +42,6 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
     make_folder_dataset(root)
     return root
-
-
-@pytest.fixture(scope="module")
-def consisid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("consisid")
-    info = make_consisid_dataset(root)
-    return root, info
 
 
 # ------------------------------------------------------------------------------------------------ video I/O
@@ -85,32 +78,6 @@ def test_crop_transform_moves_points_with_pixels():
 
 
 # -------------------------------------------------------------------------------------------- ConsisID layout
-def test_consisid_layout_uses_the_chosen_track_and_its_masks(consisid):
-    root, info = consisid
-    log = SkipLog()
-    sampling = ClipSampling(height=64, width=128, num_frames=5, stride=2)
-    ds = ConsisIDLayoutDataset(root, sampling=sampling, skip_log=log)
-    assert [e.key for e in ds.entries] == ["videos/solo.mp4", "videos/duo.mp4"]
-    assert log.counts["missing caption"] == 1
-    duo = ds.load(1)
-    assert duo["track_id"] == 1  # the large face, although its mask folder is not folder 0
-    tf = CropTransform.fit(info["size"], 64, 128)
-    big = tf.boxes(info["big_box"])
-    mask = duo["face_mask"][:, 0]  # (F, H, W)
-    ys, xs = torch.nonzero(mask[0], as_tuple=True)
-    assert xs.min() >= big[0] - 1 and xs.max() <= big[2] + 1 and ys.min() >= big[1] - 1
-    assert bool((mask.flatten(1).sum(1) > 0).all())
-    # the tracked face (and every reference) belongs to the large person on the left
-    assert float(duo["boxes"][:, 2].max()) < 64
-    assert float(duo["intra_kps"][:, 0].max()) < 64 and float(duo["ref_kps"][:, 0].max()) < 64
-
-    other = ConsisIDLayoutDataset(root, sampling=ClipSampling(64, 128, 5, stride=2, track=0)).load(1)
-    assert other["track_id"] == 0
-    small_mask = other["face_mask"][0, 0]
-    assert float(torch.nonzero(small_mask)[:, 1].float().min()) >= 64  # the right-hand person's mask
-    assert float(other["boxes"][:, 0].min()) >= 64
-
-
 # ------------------------------------------------------------------------------------------------ folder layout
 def test_folder_captions_from_txt_csv_and_jsonl(folder, tmp_path):
     log = SkipLog()
@@ -295,21 +262,3 @@ def test_real_local_encoder_one_face_for_both_halves(arcface_dir, tiny_clip, tmp
         enc.encode_image(coffee())
     with pytest.raises(FileNotFoundError, match="glintr100|recognition"):
         RealFaceLocalEncoder(arcface_dir=str(tmp_path / "empty_dir_does_not_exist"))
-
-
-def test_unreadable_box_file_is_recorded(consisid, tmp_path):
-    import shutil
-
-    root, _ = consisid
-    other = tmp_path / "broken"
-    (other / "videos").mkdir(parents=True)
-    (other / "bbox").mkdir()
-    shutil.copy(root / "videos" / "solo.mp4", other / "videos" / "solo.mp4")
-    shutil.copy(root / "videos" / "solo.mp4", other / "videos" / "solo2.mp4")
-    (other / "bbox" / "solo.json").write_text("{not json")
-    rows = [{"path": "videos/solo.mp4", "cap": "a"}, {"path": "videos/solo2.mp4", "cap": "b"}]
-    (other / "caps.json").write_text(json.dumps(rows))
-    log = SkipLog(tmp_path / "skipped.jsonl")
-    ds = ConsisIDLayoutDataset(other, caption_json="caps.json", sampling=ClipSampling(64, 64, 5), skip_log=log)
-    assert ds[0]["key"] == "videos/solo2.mp4"  # no box file: MediaPipe finds and tracks the face itself
-    assert [r["reason"] for r in read_skipped(tmp_path / "skipped.jsonl")] == ["bad annotation"]

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 INDEX_FILE = "index.jsonl"
+# Clips that could not be built under this config (key, reason, detail): not retried on resume unless asked.
+FAILED_FILE = "failed.jsonl"
 SHARD_DIR = "shards"
 # Keys that never change the cached content (where things are stored, how many workers run).
 _VOLATILE_KEYS = ("cache_dir", "onnx_cache_dir", "num_workers", "batch_size", "skipped_path", "feature_cache_dir")
@@ -116,6 +118,21 @@ class FeatureCacheWriter:
                 cfg_path, json.dumps({"hash": digest, "config": config}, indent=2, sort_keys=True, default=str)
             )
         self.finished = {row["key"] for row in read_index(self.folder)}
+        self.failed = {row["key"]: row for row in read_failed(self.folder) if row["key"] not in self.finished}
+
+    def add_failed(self, key: str, reason: str, detail: str = "") -> None:
+        """Remember that clip ``key`` cannot be built under this config (one appended line, fsynced)."""
+        row = {"key": key, "reason": reason, **({"detail": detail} if detail else {})}
+        with (self.folder / FAILED_FILE).open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.failed[key] = row
+
+    def forget_failed(self) -> None:
+        """Retry every remembered failure (the file is emptied; failures found again are recorded again)."""
+        (self.folder / FAILED_FILE).unlink(missing_ok=True)
+        self.failed = {}
 
     def add(self, meta: dict, tensors: dict[str, Tensor]) -> None:
         self._pending.append((meta, tensors))
@@ -162,6 +179,20 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def read_failed(folder: str | Path) -> list[dict]:
+    """Rows of a cache folder's ``failed.jsonl`` (a truncated last line is ignored)."""
+    path = Path(folder) / FAILED_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def read_index(folder: str | Path) -> list[dict]:

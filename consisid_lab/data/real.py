@@ -1,17 +1,11 @@
-"""Real video datasets: the ConsisID data layout and a plain folder of captioned videos.
+"""Real video datasets: the released ConsisID data layout and a plain folder of captioned videos.
 
-**ConsisID layout** (folder names configurable)::
-
-    root/
-      total_train_data.txt        # caption JSON files of the dataset, one per line (relative to root)
-      <captions>.json             # list of {"path": "videos/a.mp4", "cap": "..." or ["...", ...], ...}
-      bbox/<video stem>.json      # per frame: {"<frame>": {"face": [{"track_id": 0, "box": [x0, y0, x1, y1]}, ...],
-                                  #                          "head": [...], "person": [...]}}
-      masks/<video stem>/<track id>/<frame:05d>.png   # one mask folder per track (non-zero = inside)
-
-A clip with several people has several tracks; ONE track is chosen per clip (``track="largest"``: the largest mean
-face box; ``"longest"``: present in the most frames; or a track id) and that track's boxes and masks are used (the
-reference code always reads mask folder 0, which is another person in a group clip).
+**ConsisID layout**: exactly the released one (:mod:`consisid_lab.data.released_layout`, ``RELEASED_FORMAT.md``): a
+``total_train_data.txt`` of ``VIDEOS_DIR,CAPTIONS_JSON,ANNO_BASE`` lines, caption JSONs, ``refine_bbox_jsons`` and
+``track_masks_data``. Rows whose ``fps x duration`` is under 49 frames are dropped while listing, as in the release.
+ONE track is chosen per clip (``track="largest"``: the largest mean face box; ``"longest"``: the most valid frames;
+or a track id), the clip is sampled from the longest valid segment of that track, and its masks are the track's
+per-frame masks.
 
 **Folder layout**: every video under ``root`` (recursively) with its caption in a ``.txt`` beside it
 (``a.mp4`` + ``a.txt``), or in one ``captions.csv`` (columns ``path`` and ``caption``) or ``captions.jsonl``
@@ -19,13 +13,17 @@ reference code always reads mask folder 0, which is another person in a group cl
 
 Every item is a dict that :func:`collate_real_batch` stacks into a :class:`~consisid_lab.types.VideoBatch`. Frames
 are resized to cover ``(height, width)`` and centre-cropped; keypoints and face masks come from the MediaPipe
-analysis of the source frames, mapped to the resized ones (the layout's track masks replace the face masks where
-present). ``intra_face`` is the face of a frame inside the clip, ``ref_face`` one from outside the clip (the
-cross-face reference; the intra face when the video has no usable frame outside the clip); both are parsed (white
-outside the face oval).
+analysis of the source frames, mapped to the resized ones (the layout's track masks replace the face masks). A clip
+is used only if the chosen person's face is found (detected and confirmed by the face mesh) in at least
+``min_face_share`` of its frames. ``intra_face`` is the face of a frame inside the clip, ``ref_face`` one from outside
+the clip (the cross-face reference; the intra face when the video has no usable frame outside the clip); both are
+made as the release makes its reference faces: the aligned 512 crop of the source frame, parsed, resized to the video
+size (``face_pipeline``: ``mediapipe``, white outside the face oval, or ``released``, diffusers' own functions with
+the released label set whitened; :mod:`consisid_lab.faces.released`).
 
-A corrupt or too short video, a clip without a detectable face or an entry without a caption is recorded in
-``skipped.jsonl`` and the next item is served instead, so a run never stops on one bad sample.
+A corrupt or too short video, a clip without enough face, an entry without a caption or with missing annotations is
+recorded in ``skipped.jsonl`` with its reason and the next item is served instead, so a run never stops on one bad
+sample.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import csv
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +39,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from consisid_lab.data.released_layout import (
+    BOX_CONFIDENCE,
+    MIN_SOURCE_FRAMES,
+    SEGMENT_TOLERANCE,
+    AnnotationError,
+    ClipAnnotations,
+    choose_track,
+    listed_frames,
+    load_clip_annotations,
+    read_captions,
+    read_train_list,
+    segment_clip_indices,
+)
 from consisid_lab.data.skip_log import SkipLog
 from consisid_lab.data.video_io import (
     VIDEO_EXTENSIONS,
@@ -53,25 +63,27 @@ from consisid_lab.data.video_io import (
     read_frames,
 )
 from consisid_lab.faces.analysis import (
+    MESH_AGREEMENT,
     FaceAnalyzer,
     FaceInfo,
     FacePolicy,
     LazyFaceAnalyzer,
     NoFaceError,
-    parse_face,
     select_face,
 )
+from consisid_lab.faces.released import check_pipeline, reference_crop, to_video_size
 from consisid_lab.types import VideoBatch
 
 logger = logging.getLogger(__name__)
 
-TRACK_POLICIES = ("largest", "longest")
 # Two boxes of one face in neighbouring frames overlap far more than this; faces of two people rarely do.
 MIN_TRACK_IOU = 0.2
 # How many frames outside the clip are tried for the cross-face reference before falling back to the intra face.
 CROSS_REF_TRIES = 3
 # A failing item is replaced by the next one; after this many failures in a row the dataset is considered broken.
 MAX_CONSECUTIVE_SKIPS = 50
+# A clip enters training only if the chosen face is found in at least this share of its frames ("most of them").
+MIN_FACE_SHARE = 0.75
 SKIP_REASONS = (
     "missing caption",
     "missing video",
@@ -80,16 +92,15 @@ SKIP_REASONS = (
     "empty video",
     "too short",
     "no face",
+    "missing annotation",
+    "missing track",
+    "missing masks",
     "bad annotation",
 )
 
 
 class MissingCaptionError(ValueError):
     """An entry without a caption."""
-
-
-class AnnotationError(ValueError):
-    """A box JSON or mask PNG of the ConsisID layout that cannot be read."""
 
 
 # ----------------------------------------------------------------------------------------------------- entries
@@ -100,8 +111,7 @@ class VideoEntry:
     path: Path
     key: str
     caption: str
-    bbox_json: Path | None = None  # ConsisID layout: per-frame boxes with track ids
-    mask_dir: Path | None = None  # ConsisID layout: one sub-folder of mask PNGs per track
+    anno_base: Path | None = None  # ConsisID layout: the ANNO_BASE holding refine_bbox_jsons / track_masks_data
     meta: dict = field(default_factory=dict)
 
 
@@ -111,48 +121,51 @@ def _caption_text(cap) -> str:
     return cap.strip() if isinstance(cap, str) else ""
 
 
+def _key(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def consisid_entries(
-    root: Path, caption_json: str | list[str] | None, bbox_dir: str, mask_dir: str, skip_log: SkipLog
+    list_path: str | Path, root: str | Path, skip_log: SkipLog, min_source_frames: int = MIN_SOURCE_FRAMES
 ) -> list[VideoEntry]:
-    """Entries of a ConsisID-layout dataset; entries without a caption are recorded and dropped."""
-    if caption_json is None:
-        listing = root / "total_train_data.txt"
-        if not listing.is_file():
-            raise FileNotFoundError(
-                f"{root} has no total_train_data.txt; pass caption_json=<file relative to the root> or add the "
-                "listing (one caption JSON per line)"
-            )
-        files = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    else:
-        files = [caption_json] if isinstance(caption_json, str) else list(caption_json)
+    """Entries of a released-layout dataset list (``total_train_data.txt``); relative paths relative to ``root``.
+
+    Rows whose ``fps x duration`` is under ``min_source_frames`` are dropped (``too short``), rows without a caption
+    (``missing caption``) or whose video is absent (``missing video``) are recorded and dropped.
+    """
+    root = Path(root)
     entries: list[VideoEntry] = []
-    for name in files:
-        path = Path(name) if Path(name).is_absolute() else root / name
-        if not path.is_file():
-            raise FileNotFoundError(f"caption JSON {path} (listed for {root}) does not exist")
-        rows = json.loads(path.read_text())
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of {{path, cap, ...}} objects, got {type(rows).__name__}")
-        for row in rows:
-            rel = row.get("path")
+    for listed in read_train_list(list_path, root):
+        for row in read_captions(listed.captions_json):
+            rel = row.get("path") if isinstance(row, dict) else None
             if not rel:
-                skip_log.record(f"{path}:{row}", "missing video", "entry without a path")
+                skip_log.record(f"{listed.captions_json}:{row}", "missing video", "entry without a path")
                 continue
-            video = Path(rel) if Path(rel).is_absolute() else root / rel
+            # The release joins the basename of "path" to VIDEOS_DIR.
+            video = listed.videos_dir / Path(str(rel)).name
+            key = _key(video, root)
             caption = _caption_text(row.get("cap", row.get("caption")))
             if not caption:
-                skip_log.record(video, "missing caption")
+                skip_log.record(video, "missing caption", f"no 'cap' in {listed.captions_json}", key=key)
                 continue
-            stem = video.stem
-            bbox = root / bbox_dir / f"{stem}.json"
-            masks = root / mask_dir / stem
+            frames = listed_frames(row)
+            if frames is not None and frames < min_source_frames:
+                skip_log.record(
+                    video, "too short", f"fps x duration = {frames:.1f} frames < {min_source_frames}", key=key
+                )
+                continue
+            if not video.is_file():
+                skip_log.record(video, "missing video", f"listed in {listed.captions_json}", key=key)
+                continue
             entries.append(
                 VideoEntry(
                     path=video,
-                    key=str(rel),
+                    key=key,
                     caption=caption,
-                    bbox_json=bbox if bbox.is_file() else None,
-                    mask_dir=masks if masks.is_dir() else None,
+                    anno_base=listed.anno_base,
                     meta={k: v for k, v in row.items() if k not in ("path", "cap") and _is_plain(v)},
                 )
             )
@@ -205,58 +218,8 @@ def folder_entries(root: Path, skip_log: SkipLog) -> list[VideoEntry]:
 
 
 # ------------------------------------------------------------------------------------------------------ tracks
-def load_tracks(bbox_json: Path, part: str = "face") -> dict[int, dict[int, np.ndarray]]:
-    """``track id -> {frame index -> box xyxy}`` of one box kind (``face``, ``head`` or ``person``)."""
-    data = json.loads(bbox_json.read_text())
-    tracks: dict[int, dict[int, np.ndarray]] = {}
-    for frame, parts in data.items():
-        for obj in parts.get(part, []) or []:
-            tracks.setdefault(int(obj["track_id"]), {})[int(frame)] = np.asarray(obj["box"], np.float32)[:4]
-    return tracks
-
-
-def choose_track(tracks: dict[int, dict[int, np.ndarray]], policy: str | int = "largest") -> int:
-    """The track id of the clip's subject: the largest mean face box, the longest track, or a given id."""
-    if not tracks:
-        raise NoFaceError("the box file lists no face track")
-    if isinstance(policy, int) or (isinstance(policy, str) and policy.isdigit()):
-        tid = int(policy)
-        if tid not in tracks:
-            raise ValueError(f"track {tid} not in the box file (tracks: {sorted(tracks)})")
-        return tid
-    if policy == "longest":
-        return max(sorted(tracks), key=lambda t: len(tracks[t]))
-    if policy == "largest":
-
-        def mean_area(t: int) -> float:
-            b = np.stack(list(tracks[t].values()))
-            return float(np.mean((b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)))
-
-        return max(sorted(tracks), key=mean_area)
-    raise ValueError(f"unknown track policy {policy!r}; pick one of {TRACK_POLICIES} or a track id")
-
-
-_FRAME_NUMBER = re.compile(r"(\d+)")
-
-
-def track_mask_files(mask_dir: Path, track_id: int) -> dict[int, Path]:
-    """``frame index -> mask PNG`` of one track (the last number in each file name is the frame index)."""
-    folder = mask_dir / str(track_id)
-    if not folder.is_dir():
-        return {}
-    out = {}
-    for p in folder.iterdir():
-        nums = _FRAME_NUMBER.findall(p.stem)
-        if p.suffix.lower() == ".png" and nums:
-            out[int(nums[-1])] = p
-    return out
-
-
-def read_mask(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 0
+def _area(box: np.ndarray) -> float:
+    return float(max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0))
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -312,7 +275,10 @@ def _nearest_filled(values: list, j: int):
 # -------------------------------------------------------------------------------------------------- clip items
 @dataclass
 class ClipSampling:
-    """How a clip is cut from a video and sized; every field changes the content of a cached clip."""
+    """How a clip is cut from a video and sized; every field changes the content of a cached clip.
+
+    ``track``, ``tolerance``, ``box_confidence`` and ``mask_part`` apply to the ConsisID layout only.
+    """
 
     height: int = 64
     width: int = 64
@@ -323,14 +289,40 @@ class ClipSampling:
     position: float = 0.5
     face_policy: str = "largest"
     track: str | int = "largest"
+    min_face_share: float = MIN_FACE_SHARE
+    tolerance: int = SEGMENT_TOLERANCE
+    box_confidence: float = BOX_CONFIDENCE
+    mask_part: str = "face"
+    mesh_agreement: float | None = MESH_AGREEMENT
+    # How the reference faces (ref_face / intra_face) are made: the aligned 512 crop, parsed, resized to the video
+    # size (consisid_lab.faces.released). "released" reads face_models/face_encoder/ (a published directory).
+    face_pipeline: str = "mediapipe"
+    face_models: str | None = None
 
     def validate(self) -> None:
         check_num_frames(self.num_frames)
+        check_pipeline(self.face_pipeline)
+        if self.face_pipeline == "released" and self.face_models is None:
+            raise ValueError(
+                "data.face_pipeline=released needs data.face_models=DIR, the published ConsisID directory whose "
+                "face_encoder/ holds the release's face weights"
+            )
         for name in ("height", "width", "stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.height % 2 or self.width % 2:
             raise ValueError(f"height and width must be even, got {self.height}x{self.width}")
+        if not 0.0 < float(self.min_face_share) <= 1.0:
+            raise ValueError(
+                f"min_face_share={self.min_face_share} must be in (0, 1]: the share of a clip's frames in which the "
+                "chosen face must be found (e.g. 0.75)"
+            )
+        if self.mask_part not in ("face", "head"):
+            raise ValueError(f"mask_part={self.mask_part!r}: pick 'face' or 'head' (the track mask used per frame)")
+        if self.mesh_agreement is not None and not float(self.mesh_agreement) > 0:
+            raise ValueError(f"mesh_agreement={self.mesh_agreement} must be > 0 (a share of the face box) or null")
+        if int(self.tolerance) < 1:
+            raise ValueError(f"tolerance={self.tolerance} must be >= 1 (frames between valid frames of one segment)")
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -345,23 +337,76 @@ def _to_tensor_mask(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(-3).float()
 
 
+def check_face_share(chosen: list[FaceInfo | None], min_share: float, path: str | Path) -> float:
+    """The share of frames in which the chosen face was found; :class:`NoFaceError` (naming it) below ``min_share``.
+
+    A detector alone sees faces in fur and textures in the odd frame; a person's clip has their face in most frames.
+    """
+    found = sum(c is not None for c in chosen)
+    share = found / max(len(chosen), 1)
+    if share < min_share:
+        raise NoFaceError(
+            f"{path}: the chosen face is found in {found} of {len(chosen)} frames ({share:.0%}); a clip needs "
+            f"{min_share:.0%} (data.min_face_share)"
+        )
+    return share
+
+
 class ClipBuilder(LazyFaceAnalyzer):
     """Turn one video entry into a training item (decode, sample, resize, analyse, pick references)."""
 
-    def __init__(self, sampling: ClipSampling, box_part: str = "face") -> None:
+    def __init__(self, sampling: ClipSampling) -> None:
         sampling.validate()
         self.sampling = sampling
-        self.box_part = box_part
         self._analyzer: FaceAnalyzer | None = None
 
+    @property
+    def analyzer(self) -> FaceAnalyzer:
+        # Real clips: a detection counts only where the face mesh confirms it (see MESH_AGREEMENT).
+        if self._analyzer is None:
+            self._analyzer = FaceAnalyzer(mesh_agreement=self.sampling.mesh_agreement)
+        return self._analyzer
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_released"] = None  # face models are rebuilt in each worker
+        return state
+
+    def _reference(self, source: np.ndarray, tf: CropTransform, face: FaceInfo, what: str):
+        """``(image (H, W, 3) uint8, kps (5, 2), mask (H, W) bool)``: the aligned 512 crop of ``face`` (a face of
+        the output frame) from the ``source`` frame by the configured pipeline, resized to the video size."""
+        s = self.sampling
+        if s.face_pipeline == "released":
+            if getattr(self, "_released", None) is None:
+                from consisid_lab.faces.released import ReleasedFacePipeline
+
+                self._released = ReleasedFacePipeline(s.face_models)
+            crop, kps, mask = reference_crop(source, "released", released=self._released, source=what)
+        else:
+            own = next((f for f in self.analyzer(source) if np.allclose(tf.boxes(f.box), face.box)), None)
+            if own is None:  # pragma: no cover - the same detector on the same frame
+                raise NoFaceError(f"{what}: the chosen face was not found again in the source frame")
+            crop, kps, mask = reference_crop(source, "mediapipe", face=own)
+        return to_video_size(crop, kps, mask, s.height, s.width)
+
     def build(self, entry: VideoEntry, identity: int, clip_id: int) -> dict:
-        """The item of ``entry``; raises :class:`VideoDecodeError` or :class:`NoFaceError` for an unusable one."""
+        """The item of ``entry``; raises a ``SAMPLE_ERRORS`` error for an unusable one."""
         s = self.sampling
         info = probe_video(entry.path)
-        idx = clip_indices(info.num_frames, s.num_frames, s.stride, s.skip_head, s.skip_tail, s.position, entry.path)
-        tracks = self._load_tracks(entry)
-        track_id = choose_track(tracks, s.track) if tracks is not None else None
-        track = tracks[track_id] if tracks is not None else None
+        ann = self._annotations(entry)
+        if ann is not None:
+            chosen_track = choose_track(ann, s.track)
+            idx = segment_clip_indices(
+                chosen_track, info.num_frames, s.num_frames, s.stride, s.skip_head, s.skip_tail, s.position,
+                s.tolerance, entry.path,
+            )  # fmt: skip
+            track = chosen_track.face_boxes()
+            track_masks = ann.read_masks(chosen_track, s.mask_part, idx.tolist())
+        else:
+            chosen_track, track, track_masks = None, None, None
+            idx = clip_indices(
+                info.num_frames, s.num_frames, s.stride, s.skip_head, s.skip_tail, s.position, entry.path
+            )
         cross_candidates = self._cross_candidates(info.num_frames, idx, track)
         frames = read_frames(entry.path, [*idx.tolist(), *cross_candidates])
         first = frames[int(idx[0])]
@@ -370,20 +415,26 @@ class ClipBuilder(LazyFaceAnalyzer):
 
         found = [self._analyze(frames[int(i)], tf) for i in idx]
         guide = [tf.boxes(track[int(i)]) if int(i) in track else None for i in idx] if track is not None else None
+        if guide is not None and all(g is None or _area(g) <= 0 for g in guide):
+            h, w = first.shape[:2]
+            raise NoFaceError(
+                f"{entry.path}: the face boxes of track {chosen_track.track_id} lie outside the {s.height}x{s.width} "
+                f"centre crop of the {h}x{w} video; pick data.height / data.width closer to the video's aspect"
+            )
         try:
             chosen = track_faces(found, s.face_policy, guide)  # type: ignore[arg-type]
         except NoFaceError as e:
             raise NoFaceError(f"{entry.path}: {e}") from None
+        share = check_face_share(chosen, s.min_face_share, entry.path)
 
-        masks = self._track_masks(entry, track_id, idx, tf)
         boxes, kps, face_masks = [], [], []
         for j, face in enumerate(chosen):
             near = face or _nearest_filled(chosen, j)
             box = face.box if face is not None else (guide[j] if guide is not None and guide[j] is not None else None)
             boxes.append(box if box is not None else near.box)
             kps.append(near.kps)
-            if masks is not None and masks[j] is not None:
-                face_masks.append(masks[j])
+            if track_masks is not None:
+                face_masks.append(tf.mask(track_masks[j]))
             else:
                 face_masks.append(face.mask if face is not None else np.zeros((s.height, s.width), bool))
 
@@ -392,35 +443,38 @@ class ClipBuilder(LazyFaceAnalyzer):
         j_intra = min((j for j, c in enumerate(chosen) if c is not None), key=lambda j: abs(j - mid))
         intra = chosen[j_intra]
         assert intra is not None
-        ref_image, ref_face = self._cross_reference(frames, cross_candidates, tf, track, intra)
+        ref_at, ref_face = self._cross_reference(frames, cross_candidates, tf, track, intra)
         if ref_face is None:
             logger.debug("%s: no face outside the clip; the cross-face reference is the intra face", entry.path)
-            ref_image, ref_face = clip[j_intra], intra
+            ref_at, ref_face = int(idx[j_intra]), intra
+        ref_image, ref_kps, ref_mask = self._reference(frames[ref_at], tf, ref_face, f"{entry.path} frame {ref_at}")
+        intra_at = int(idx[j_intra])
+        intra_image, intra_kps, intra_mask = self._reference(
+            frames[intra_at], tf, intra, f"{entry.path} frame {intra_at}"
+        )
         return {
             "video": _to_tensor_image(clip),  # (F, 3, H, W)
             "caption": entry.caption,
-            "ref_face": _to_tensor_image(parse_face(ref_image, ref_face)),  # (3, H, W)
-            "ref_kps": torch.from_numpy(ref_face.kps.copy()),  # (5, 2)
-            "ref_mask": _to_tensor_mask(ref_face.mask),  # (1, H, W)
-            "intra_face": _to_tensor_image(parse_face(clip[j_intra], intra)),
-            "intra_kps": torch.from_numpy(intra.kps.copy()),
-            "intra_mask": _to_tensor_mask(intra.mask),
+            "ref_face": _to_tensor_image(ref_image),  # (3, H, W): the aligned crop, parsed, at the video size
+            "ref_kps": torch.from_numpy(ref_kps),  # (5, 2) in that image
+            "ref_mask": _to_tensor_mask(ref_mask),  # (1, H, W)
+            "intra_face": _to_tensor_image(intra_image),
+            "intra_kps": torch.from_numpy(intra_kps),
+            "intra_mask": _to_tensor_mask(intra_mask),
             "kps": torch.from_numpy(np.stack(kps).astype(np.float32)),  # (F, 5, 2)
             "face_mask": _to_tensor_mask(np.stack(face_masks)),  # (F, 1, H, W)
             "boxes": torch.from_numpy(np.stack(boxes).astype(np.float32)),  # (F, 4)
             "identity": identity,
             "clip_id": clip_id,
             "key": entry.key,
-            "track_id": -1 if track_id is None else int(track_id),
+            "track_id": -1 if chosen_track is None else int(chosen_track.track_id),
+            "face_share": share,
         }
 
-    def _load_tracks(self, entry: VideoEntry) -> dict[int, dict[int, np.ndarray]] | None:
-        if entry.bbox_json is None:
+    def _annotations(self, entry: VideoEntry) -> ClipAnnotations | None:
+        if entry.anno_base is None:
             return None
-        try:
-            return load_tracks(entry.bbox_json, self.box_part)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise AnnotationError(f"{entry.bbox_json}: unreadable box file ({type(e).__name__}: {e})") from e
+        return load_clip_annotations(entry.anno_base, entry.path.stem, self.sampling.box_confidence)
 
     def _analyze(self, frame: np.ndarray, tf: CropTransform) -> list[FaceInfo]:
         """Faces of a source frame, mapped to the output frame.
@@ -470,9 +524,8 @@ class ClipBuilder(LazyFaceAnalyzer):
         tf: CropTransform,
         track: dict[int, np.ndarray] | None,
         intra: FaceInfo,
-    ) -> tuple[np.ndarray | None, FaceInfo | None]:
+    ) -> tuple[int | None, FaceInfo | None]:
         for i in candidates:
-            image = tf.image(frames[i])
             faces = self._analyze(frames[i], tf)
             if not faces:
                 continue
@@ -482,22 +535,8 @@ class ClipBuilder(LazyFaceAnalyzer):
                 # Without a track outside the clip the policy decides, as it did inside the clip.
                 face = select_face(faces, self.sampling.face_policy)  # type: ignore[arg-type]
             if face is not None:
-                return image, face
+                return i, face
         return None, None
-
-    def _track_masks(
-        self, entry: VideoEntry, track_id: int | None, idx: np.ndarray, tf: CropTransform
-    ) -> list[np.ndarray | None] | None:
-        if entry.mask_dir is None or track_id is None:
-            return None
-        files = track_mask_files(entry.mask_dir, track_id)
-        if not files:
-            logger.debug("%s: no mask folder for track %d; using MediaPipe face masks", entry.path, track_id)
-            return None
-        try:
-            return [tf.mask(read_mask(files[int(i)])) if int(i) in files else None for i in idx]
-        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-            raise AnnotationError(f"{entry.mask_dir}: unreadable mask of track {track_id} ({e})") from e
 
 
 # --------------------------------------------------------------------------------------------------- datasets
@@ -512,7 +551,7 @@ def skip_reason(err: Exception) -> str:
     if isinstance(err, MissingCaptionError):
         return "missing caption"
     if isinstance(err, AnnotationError):
-        return "bad annotation"
+        return err.reason
     return f"error: {type(err).__name__}"
 
 
@@ -568,24 +607,26 @@ class RealVideoDataset(Dataset):
 
 
 class ConsisIDLayoutDataset(RealVideoDataset):
-    """A dataset in the ConsisID layout (see the module docstring)."""
+    """A dataset in the released ConsisID layout (see the module docstring): ``list_path`` is its
+    ``total_train_data.txt``, ``root`` what the list's relative paths are relative to (default: the current
+    directory, as in the release)."""
 
     def __init__(
         self,
-        root: str | Path,
-        caption_json: str | list[str] | None = None,
+        list_path: str | Path,
+        root: str | Path = ".",
         sampling: ClipSampling | None = None,
-        bbox_dir: str = "bbox",
-        mask_dir: str = "masks",
         skip_log: SkipLog | None = None,
+        min_source_frames: int = MIN_SOURCE_FRAMES,
     ) -> None:
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {root} does not exist")
+            raise FileNotFoundError(
+                f"data.root={root} is not a folder; set it to the directory the list is relative to"
+            )
         skip_log = skip_log if skip_log is not None else SkipLog()
-        super().__init__(
-            consisid_entries(root, caption_json, bbox_dir, mask_dir, skip_log), sampling or ClipSampling(), skip_log
-        )
+        entries = consisid_entries(list_path, root, skip_log, min_source_frames)
+        super().__init__(entries, sampling or ClipSampling(), skip_log)
         self.root = root
 
 

@@ -146,6 +146,8 @@ class InsightFaceArcFace:
         layer: ``last`` (512-d embedding) or ``penultimate`` (adds the spatial map as tokens).
         cache_dir: where the penultimate graph is cached (default ``~/.cache/consisid_lab/onnx``).
         face_policy: which face to use when the encoder has to detect faces itself.
+        mesh_agreement: without a detector in the pack, MediaPipe's detections count only where the face mesh
+            confirms them (see :data:`~consisid_lab.faces.analysis.MESH_AGREEMENT`); ``None``: no check.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class InsightFaceArcFace:
         layer: ArcFaceLayer = "last",
         cache_dir: str | Path | None = None,
         face_policy: FacePolicy = "largest",
+        mesh_agreement: float | None = None,
     ) -> None:
         if layer not in ("last", "penultimate"):
             raise ValueError(f"arcface layer must be 'last' or 'penultimate', got {layer!r}")
@@ -168,6 +171,7 @@ class InsightFaceArcFace:
         self.providers = list(providers)
         self.layer = layer
         self.face_policy = face_policy
+        self.mesh_agreement = mesh_agreement
         self.rec_path, self.det_path = self._resolve(rec_name, det_name)
 
         from insightface.model_zoo import get_model
@@ -255,7 +259,7 @@ class InsightFaceArcFace:
         image = to_rgb_uint8(image)
         if self.det is None:
             if self._analyzer is None:
-                self._analyzer = FaceAnalyzer()
+                self._analyzer = FaceAnalyzer(mesh_agreement=self.mesh_agreement)
             return self._analyzer.analyze(image, self.face_policy, source=source)
         bboxes, kpss = self.det.detect(np.ascontiguousarray(image[..., ::-1]), max_num=0)  # insightface wants BGR
         faces = [

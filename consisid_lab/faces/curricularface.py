@@ -92,8 +92,36 @@ class IRBackbone(nn.Module):
         return self.output_layer(self.body(self.input_layer(x)))  # (B, 512)
 
 
+def ir_layout(state: dict[str, Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Units per stage and stage depths of a TFace-layout state dict, read off the output width of each unit's convs
+    (a stage is a run of units of one depth: IR-101 gives ``(3, 13, 30, 3)`` and ``(64, 128, 256, 512)``). A unit
+    missing a key still counts (the strict load then names the key)."""
+    units_found = {int(k.split(".")[1]) for k in state if k.startswith("body.") and k.split(".")[1].isdigit()}
+    if not units_found:
+        raise ValueError("not an IR backbone state dict: no body.<i>. keys")
+    depths: list[int] = []
+    for i in range(max(units_found) + 1):
+        width = next(
+            (int(state[k].shape[0]) for k in (f"body.{i}.res_layer.{j}.weight" for j in (1, 4, 5)) if k in state),
+            depths[-1] if depths else None,
+        )
+        if width is None:
+            raise ValueError(f"IR backbone state dict: unit body.{i} has no conv or BN weight to read its depth from")
+        depths.append(width)
+    units: list[int] = []
+    stage_depths: list[int] = []
+    for d in depths:
+        if stage_depths and stage_depths[-1] == d:
+            units[-1] += 1
+        else:
+            stage_depths.append(d)
+            units.append(1)
+    return tuple(units), tuple(stage_depths)
+
+
 class CurricularFace(nn.Module):
-    """CurricularFace IR-101 embeddings from a state-dict file (strict loading).
+    """CurricularFace IR-101 embeddings from a state-dict file (strict loading; the stage layout is read from the
+    file, so smaller IR backbones in the same layout load too).
 
     Args:
         path: ``glint360k_curricular_face_r101_backbone.bin`` (a torch state dict, optionally under ``state_dict``).
@@ -112,8 +140,11 @@ class CurricularFace(nn.Module):
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
         if embedding_bn_affine is None:
             embedding_bn_affine = "output_layer.4.weight" in state
+        units, depths = ir_layout(state)
+        if (units, depths) != (IR101_UNITS, IR101_DEPTHS):
+            logger.info("%s: an IR backbone with stages %s of depths %s (not IR-101)", path, units, depths)
         with torch.device("meta"):
-            net = IRBackbone(embedding_bn_affine=embedding_bn_affine)
+            net = IRBackbone(units, depths, embedding_bn_affine=embedding_bn_affine)
         # every parameter and buffer of the backbone is persistent, so a strict load materialises all of them
         net.load_state_dict(state, strict=True, assign=True)
         self.backbone = net.eval().requires_grad_(False)
