@@ -80,6 +80,13 @@ InjectFn = Callable[[Tensor], Tensor]
 INITS = ("default", "adaln_zero")
 
 
+def pool_text(text: Tensor) -> Tensor:
+    """Mean of the caption tokens ``(B, L, D) -> (B, D)`` over the non-padding ones (padding tokens are zeros);
+    an empty caption pools to zeros."""
+    valid = (text.abs().amax(dim=-1) > 0).to(text.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (text * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+
+
 class InjectableBlock(CogVideoXBlock):
     """A CogVideoX block whose forward writes the block's math out with two optional in-block injections.
 
@@ -160,6 +167,9 @@ class VideoDiT(nn.Module):
             and the output projection start at zero, so every block starts as the identity and the model's first
             prediction is 0 (DiT's adaLN-Zero, Peebles & Xie 2023). For backbones trained from scratch; loaded
             weights replace it.
+        pooled_text: add a zero-initialised projection of the mean caption token to the time embedding (as
+            SD3 / Flux feed pooled text to their adaptive norms). Not part of CogVideoX / ConsisID: off for the
+            published presets; the embedded benchmark's from-scratch DiT needs it to follow captions in minutes.
         config: further ``CogVideoXTransformer3DModel`` arguments overriding the preset.
     """
 
@@ -173,6 +183,7 @@ class VideoDiT(nn.Module):
         gradient_checkpointing: bool = False,
         config: dict[str, Any] | None = None,
         init: str = "default",
+        pooled_text: bool = False,
     ) -> None:
         super().__init__()
         if init not in INITS:
@@ -189,6 +200,14 @@ class VideoDiT(nn.Module):
         self._use_injectable_blocks()
         if init == "adaln_zero":
             self._zero_modulation()
+        # Optional pooled-caption route into the time embedding, zero-initialised (not in CogVideoX): the caption
+        # then modulates every block's adaptive norms directly, besides the joint attention.
+        self.pooled_text_proj: nn.Linear | None = None
+        if pooled_text:
+            c = self.transformer.config
+            self.pooled_text_proj = nn.Linear(c.text_embed_dim, c.time_embed_dim)
+            nn.init.zeros_(self.pooled_text_proj.weight)
+            nn.init.zeros_(self.pooled_text_proj.bias)
         self.injector: Injector = NoInjector()
         self.set_injector(injector)
         self.gradient_checkpointing = gradient_checkpointing
@@ -304,6 +323,8 @@ class VideoDiT(nn.Module):
 
         t_emb = t.time_proj(timestep).to(hidden_states.dtype)  # (B, D): sinusoidal features come out float32
         emb = t.time_embedding(t_emb)  # (B, D_t)
+        if self.pooled_text_proj is not None:
+            emb = emb + self.pooled_text_proj(pool_text(encoder_hidden_states)).to(emb.dtype)
 
         tokens = t.embedding_dropout(t.patch_embed(encoder_hidden_states, hidden_states))  # (B, L + N, D)
         n_text = encoder_hidden_states.shape[1]
