@@ -21,11 +21,21 @@ def load_module(ckpt_path: str, use_ema: bool = True):
     With ``use_ema`` the EMA weights saved by ``TrainableEMA`` replace the trainable parameters (what validation
     and test saw during training).
     """
-    from consisid_lab.models.lit_module import IdentityVideoModule
+    from consisid_lab.models.lit_module import IdentityVideoModule, migrate_checkpoint
 
-    module = IdentityVideoModule.load_from_checkpoint(ckpt_path, map_location="cpu", strict=True, weights_only=False)
+    # The weights come from the checkpoint: the pretrained directory the run started from is not read again
+    # (it need not exist where the checkpoint is used).
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hparams = ckpt.get("hyper_parameters") or {}
+    backbone = dict(hparams.get("backbone") or {})
+    overrides: dict[str, Any] = {"init_from": None}
+    if backbone.get("pretrained"):
+        overrides["backbone"] = {**backbone, "pretrained": None}
+    module = IdentityVideoModule.load_from_checkpoint(
+        ckpt_path, map_location="cpu", strict=True, weights_only=False, **overrides
+    )
     if use_ema:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        migrate_checkpoint(ckpt)
         states = [v for k, v in (ckpt.get("callbacks") or {}).items() if k.startswith("TrainableEMA")]
         if states:
             params = dict(module.named_parameters())

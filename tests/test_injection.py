@@ -7,7 +7,7 @@ import torch
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock, CogVideoXTransformer3DModel
 
 from consisid_lab.models.backbone import VideoDiT
-from consisid_lab.models.consisid import ConsisIDDenoiser
+from consisid_lab.models.denoiser import Conditions, IdentityDenoiser
 from consisid_lab.models.fuser import ConcatFuser, MLPFuser, PerceiverFuser
 from consisid_lab.models.injector import CrossAttentionInjector, NoInjector
 from consisid_lab.types import IdentityFeatures
@@ -314,14 +314,18 @@ def test_denoiser_composes_fuser_and_injector() -> None:
         id_dim=14, vit_dim=16, depth=3, dim_head=8, heads=2, num_id_token=2, num_queries=Q, output_dim=KV,
         token_dims=[16, 16, 16],
     )  # fmt: skip
-    model = ConsisIDDenoiser(backbone, fuser).eval()
+    model = IdentityDenoiser(None, None, None, None, None, fuser, backbone).eval()
     x = _inputs()
-    rot = model.rotary_embedding(F, H, W)
     feats = _features()
+
+    def run(identity):
+        cond = Conditions(text=x["encoder_hidden_states"], identity_tokens=model.identity_tokens(identity))
+        return model(x["hidden_states"], x["timestep"], cond)
+
     with torch.no_grad():
-        a = model.denoise(**x, image_rotary_emb=rot, identity=feats)
-        b = model.denoise(**x, image_rotary_emb=rot, identity=feats.index(torch.tensor([1, 0])))  # swap identities
-        none = model.denoise(**x, image_rotary_emb=rot, identity=None)
+        a = run(feats)
+        b = run(feats.index(torch.tensor([1, 0])))  # swap identities
+        none = run(None)
     assert a.shape == (B, F, C_OUT, H, W)
     assert (a - b).abs().max() > 1e-3
     torch.testing.assert_close(none, _run(backbone, None, x), atol=0, rtol=0)

@@ -22,6 +22,7 @@ ArcFaceLayer = Literal["last", "penultimate"]
 class LocalEncoder(nn.Module):
     """Interface: frozen feature extractor. ``vector_dims`` / ``token_dims`` declare what ``forward`` returns."""
 
+    frozen = True  # declared: trainable selectors never unfreeze it
     vector_dims: dict[str, int]
     token_dims: dict[str, int]
 
@@ -43,6 +44,22 @@ class NoLocalEncoder(LocalEncoder):
 
     def forward(self, face: Tensor) -> IdentityFeatures:
         return IdentityFeatures()
+
+
+class PrecomputedFeatures(LocalEncoder):
+    """Features computed outside the model (the released pipeline's face preprocessing: ``id_cond`` and the CLIP
+    hidden states ``vit_{k}``), declared here so that the fuser is built for them."""
+
+    def __init__(self, vector_dims: dict[str, int], token_dims: dict[str, int]) -> None:
+        super().__init__()
+        self.vector_dims = dict(vector_dims)
+        self.token_dims = dict(token_dims)
+
+    def forward(self, face: Tensor) -> IdentityFeatures:
+        raise RuntimeError(
+            f"this model's identity features ({list(self.vector_dims)} + {list(self.token_dims)}) are computed "
+            "outside it (consisid_lab.models.published.PublishedFaceEncoder); pass them as features="
+        )
 
 
 class StandInLocalEncoder(LocalEncoder):

@@ -37,6 +37,8 @@ class LatentCodec(nn.Module):
         scaling_factor: latents are ``scaling_factor * raw_latents`` so that they have roughly unit variance.
     """
 
+    frozen = True  # declared: trainable selectors never unfreeze it
+
     latent_channels: int
     spatial_factor: int
     temporal_factor: int
