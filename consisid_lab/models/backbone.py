@@ -9,6 +9,7 @@ tuple ``(video_tokens, text_tokens)``), including blocks with an injection insid
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -156,6 +157,9 @@ class VideoDiT(nn.Module):
         injector: where identity tokens enter (``None``: no injection).
         gradient_checkpointing: recompute each block in the backward pass.
         config: further ``CogVideoXTransformer3DModel`` arguments overriding the preset.
+        pretrained: a CogVideoX diffusers transformer (a checkpoint root with ``transformer/``, or that folder)
+            whose weights the DiT starts from, strictly (see :mod:`consisid_lab.models.pretrained`); the DiT is
+            built on the meta device first, so no random weights are made.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class VideoDiT(nn.Module):
         injector: Injector | None = None,
         gradient_checkpointing: bool = False,
         config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
@@ -177,8 +182,13 @@ class VideoDiT(nn.Module):
                 cfg[key] = int(value)
         if cfg.get("patch_size_t") is not None:
             raise ValueError("patch_size_t (CogVideoX 1.5 temporal patches) is not supported; set it to null")
-        self.transformer = CogVideoXTransformer3DModel(**cfg)
+        with torch.device("meta") if pretrained else contextlib.nullcontext():
+            self.transformer = CogVideoXTransformer3DModel(**cfg)
         self._use_injectable_blocks()
+        if pretrained:
+            from consisid_lab.models.pretrained import load_cogvideox_backbone
+
+            load_cogvideox_backbone(self.transformer, pretrained)
         self.injector: Injector = NoInjector()
         self.set_injector(injector)
         self.gradient_checkpointing = gradient_checkpointing
