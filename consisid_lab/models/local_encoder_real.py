@@ -74,6 +74,9 @@ class RealFaceLocalEncoder(LazyFaceAnalyzer, LocalEncoder):
                 "clip_checkpoint=<EVA-CLIP .pt>, or use model/local_encoder=arcface_clip (the stand-in encoders)"
             )
         self.face_policy = face_policy
+        # Where the weights came from (the export task copies them to the published face_encoder/ folder).
+        self.arcface_dir = str(arcface_dir) if arcface_dir else None
+        self.clip_checkpoint = str(clip_checkpoint) if clip_checkpoint else None
         self.arcface = None
         if arcface_dir:
             from consisid_lab.faces.arcface import InsightFaceArcFace
