@@ -182,3 +182,25 @@ def test_export_refuses_a_composition_diffusers_cannot_express(train_cfg, tmp_pa
     with pytest.raises(NotExpressibleError, match="model/vae: StandInCodec"):
         write_published(build_denoiser(train_cfg().model), make_scheduler(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_fused_lora_keeps_the_output_and_gives_the_base_keys(train_cfg):
+    from consisid_lab.models.trainable import fuse_lora
+    from consisid_lab.utils.instantiate import instantiate
+
+    module = instantiate(train_cfg("+experiment=lora").model).eval()
+    transformer = module.denoiser.backbone.transformer
+    with torch.no_grad():  # peft starts lora_B at zero: make the adapters change the output
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 32, 8, 8, generator=gen)
+    text = torch.randn(1, 16, 32, generator=gen)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        before = module.denoiser.backbone(x, text, t)
+        assert fuse_lora(transformer) > 0
+        after = module.denoiser.backbone(x, text, t)
+    assert not any("lora_" in k or "base_layer" in k for k in transformer.state_dict())
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
