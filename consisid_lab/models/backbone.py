@@ -79,6 +79,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 InjectFn = Callable[[Tensor], Tensor]
 
+# The injection sites, declared once: the injector is checked against them, the block call (plain or
+# checkpointed) passes the in-block ones to InjectableBlock by these keyword names, the tests iterate them.
+AFTER_BLOCK = "after_block"  # on the residual stream after the whole block
+IN_BLOCK_SITES = ("between_attn_ffn", "attn_input")  # InjectableBlock.forward keywords
+INJECTION_SITES = (AFTER_BLOCK, *IN_BLOCK_SITES)
+
 
 class InjectableBlock(CogVideoXBlock):
     """A CogVideoX block whose forward writes the block's math out with two optional in-block injections.
@@ -162,6 +168,9 @@ class VideoDiT(nn.Module):
             built on the meta device first, so no random weights are made.
     """
 
+    frozen: bool = False  # declared: a frozen backbone is asked for with trainable selectors, not here
+    injection_sites: tuple[str, ...] = INJECTION_SITES
+
     def __init__(
         self,
         preset: str = "tiny",
@@ -240,8 +249,22 @@ class VideoDiT(nn.Module):
         return [f"{prefix}transformer.transformer_blocks.{i}" for i in range(self.num_layers)]
 
     def set_injector(self, injector: Injector | None) -> None:
-        """Attach (as an owned submodule) or detach (``None``) the identity injector."""
-        self.injector = injector if injector is not None else NoInjector()
+        """Attach (as an owned submodule) or detach (``None``) the identity injector, checked against the
+        declared :attr:`injection_sites` and the block count."""
+        injector = injector if injector is not None else NoInjector()
+        unknown = [p for p in injector.positions if p not in self.injection_sites]
+        if unknown:
+            raise ValueError(
+                f"model/injector uses position(s) {unknown}, which the backbone does not have; set "
+                f"model.injector.position to one of {list(self.injection_sites)}"
+            )
+        layers = injector.num_layers
+        if layers is not None and layers != self.num_layers:
+            raise ValueError(
+                f"model/injector was built for {layers} blocks but the backbone has {self.num_layers}; build it "
+                "with num_layers=backbone.num_layers (the composition does)"
+            )
+        self.injector = injector
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -304,20 +327,17 @@ class VideoDiT(nn.Module):
 
         inj = self.injector if identity_tokens is not None else None
         for i, block in enumerate(t.transformer_blocks):
-            attn_input = between = None
-            if inj is not None and inj.has(i, "attn_input"):
-                attn_input = partial(inj, i, identity_tokens=identity_tokens)
-            if inj is not None and inj.has(i, "between_attn_ffn"):
-                between = partial(inj, i, identity_tokens=identity_tokens)
+            # The in-block sites as InjectableBlock keywords (None: no injection there), the same for the plain
+            # and the checkpointed call.
+            sites = {
+                s: partial(inj, i, identity_tokens=identity_tokens) if inj is not None and inj.has(i, s) else None
+                for s in IN_BLOCK_SITES
+            }
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(
-                    block, video, text, emb, image_rotary_emb, None, attn_input, between, use_reentrant=False
-                )
+                video, text = checkpoint(block, video, text, emb, image_rotary_emb, use_reentrant=False, **sites)
             else:
-                video, text = block(
-                    video, text, emb, image_rotary_emb, attn_input=attn_input, between_attn_ffn=between
-                )
-            if inj is not None and inj.has(i, "after_block"):
+                video, text = block(video, text, emb, image_rotary_emb, **sites)
+            if inj is not None and inj.has(i, AFTER_BLOCK):
                 video = video + inj(i, video, identity_tokens)
 
         # LayerNorm is per token, so normalising the video tokens alone equals normalising [text; video].

@@ -278,7 +278,7 @@ def consisid_config(model) -> dict[str, Any]:
             f"{backbone.out_channels}), this backbone takes {backbone.in_channels}; use model/global_encoder="
             "face_latent"
         )
-    is_kps = bool(getattr(model.global_encoder, "use_kps", False))
+    is_kps = model.global_encoder.use_kps
     cfg.update(is_kps=is_kps, is_train_face=fuser is not None)
     if fuser is None:
         if not isinstance(injector, NoInjector):

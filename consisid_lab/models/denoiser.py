@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from consisid_lab.models.backbone import VideoDiT
+from consisid_lab.models.fuser import Fuser
 from consisid_lab.models.global_encoder import GlobalEncoder, NoGlobalEncoder
 from consisid_lab.models.injector import NoInjector
 from consisid_lab.models.keypoints import KeypointRenderer, NoKeypointRenderer
@@ -119,7 +120,7 @@ class IdentityDenoiser(nn.Module):
         g_enc = instantiate(global_encoder)
         l_enc = instantiate(local_encoder)
         check_composition(codec, renderer, g_enc, l_enc)
-        has_local = bool(l_enc.vector_dims or l_enc.token_dims)
+        has_local = not l_enc.spec.is_empty()
         device = torch.device("meta") if init_from else None
         with torch.device(device) if device is not None else contextlib.nullcontext():
             fuse = build_fuser(fuser, l_enc) if has_local else None
@@ -132,7 +133,10 @@ class IdentityDenoiser(nn.Module):
                 **({"pretrained": None} if init_from and backbone.get("pretrained") else {}),
             )
             kv_dim = fuse.output_dim if fuse is not None else 1
-            dit.set_injector(instantiate(injector, dim=dit.inner_dim, kv_dim=kv_dim, num_layers=dit.num_layers))
+            inj = instantiate(
+                injector, dim=dit.inner_dim, kv_dim=kv_dim, num_layers=dit.num_layers, sites=dit.injection_sites
+            )
+            dit.set_injector(inj)
         if has_local and isinstance(dit.injector, NoInjector):
             log.warning("the local encoder's identity tokens are computed but model/injector=none never uses them")
         if gradient_checkpointing:
@@ -157,11 +161,27 @@ class IdentityDenoiser(nn.Module):
 
     @property
     def uses_kps(self) -> bool:
-        return bool(getattr(self.global_encoder, "use_kps", False))
+        return self.global_encoder.use_kps  # declared by every GlobalEncoder
+
+    def components(self) -> dict[str, nn.Module]:
+        """The present components by name, in :data:`COMPONENTS` order."""
+        return {n: self._modules[n] for n in COMPONENTS if self._modules.get(n) is not None}
 
     def frozen_components(self) -> list[str]:
-        """Components that declare themselves frozen (``frozen = True``): never trained, whatever the selectors."""
-        return [n for n in COMPONENTS if isinstance(m := getattr(self, n), nn.Module) and getattr(m, "frozen", False)]
+        """Components that declare themselves frozen (``frozen = True``): never trained, whatever the selectors.
+
+        Every component class declares ``frozen`` (the interfaces set it); one that does not is refused here
+        rather than silently treated as trainable.
+        """
+        undeclared = [
+            f"{n} ({type(m).__name__})" for n, m in self.components().items() if not hasattr(type(m), "frozen")
+        ]
+        if undeclared:
+            raise TypeError(
+                f"components {undeclared} do not declare `frozen`; subclass their group's interface (LatentCodec, "
+                "TextEncoder, KeypointRenderer, GlobalEncoder, LocalEncoder, Fuser, VideoDiT) or set `frozen = ...`"
+            )
+        return [n for n, m in self.components().items() if type(m).frozen]
 
     # ------------------------------------------------------------------ conditioning
     def encode_text(self, captions: list[str]) -> Tensor:
@@ -230,33 +250,31 @@ class IdentityDenoiser(nn.Module):
 
 def check_composition(codec: Any, renderer: Any, global_encoder: Any, local_encoder: Any) -> None:
     """Combinations of components that cannot work, refused before any weight is built."""
-    if getattr(global_encoder, "use_kps", False) and not renderer.renders:
+    if global_encoder.use_kps and not renderer.renders:
         raise ValueError(
             "model/global_encoder has use_kps=true but model/keypoint_renderer=none renders no keypoint "
             "image; pick model/keypoint_renderer=five_point or set model.global_encoder.use_kps=false"
         )
+    if renderer.renders and not global_encoder.use_kps:
+        log.info(
+            "model/keypoint_renderer=%s renders keypoint images that nothing reads (the global encoder has use_kps "
+            "false); model/keypoint_renderer=none skips the rendering",
+            type(renderer).__name__,
+        )
     no_global = global_encoder.channels(codec) == 0
-    no_local = not (local_encoder.vector_dims or local_encoder.token_dims)
+    no_local = local_encoder.spec.is_empty()
     if no_global and no_local:
         raise ValueError("model/global_encoder=none and model/local_encoder=none leave no identity route; keep one")
 
 
-def build_fuser(cfg: Mapping[str, Any], local_encoder: Any) -> nn.Module:
-    """The fuser gets its input sizes from what the local encoder declares."""
-    vector_dim = sum(local_encoder.vector_dims.values())
-    token_dims = list(local_encoder.token_dims.values())
-    target = str(cfg.get("_target_", ""))
-    if target.endswith("PerceiverFuser") and not token_dims:
-        raise ValueError(
-            f"model/fuser=perceiver needs token maps from the local encoder, but "
-            f"{type(local_encoder).__name__} gives only vectors {list(local_encoder.vector_dims)}; "
-            "pick model/fuser=mlp or a local encoder with tokens (clip, or arcface_layer=penultimate)"
-        )
-    if target.endswith("ConcatFuser"):
-        return instantiate(
-            cfg, id_dim=vector_dim, token_dims=token_dims, vector_dims=list(local_encoder.vector_dims.values())
-        )
-    return instantiate(cfg, id_dim=vector_dim, token_dims=token_dims)
+def build_fuser(cfg: Mapping[str, Any], local_encoder: LocalEncoder) -> nn.Module:
+    """The fuser is built from the local encoder's declared :class:`~consisid_lab.types.FeatureSpec` alone; a
+    fuser that cannot work from it (the perceiver without token maps) refuses it, naming both and the fix."""
+    # Partial first: Hydra would turn the spec (a dataclass) into a config if it were passed through instantiate.
+    fuser = instantiate(cfg, _partial_=True)(spec=local_encoder.spec)
+    if not isinstance(fuser, Fuser):
+        raise TypeError(f"model/fuser built {type(fuser).__name__}, not a consisid_lab.models.fuser.Fuser subclass")
+    return fuser
 
 
 def build_denoiser(model_cfg: Mapping[str, Any]) -> IdentityDenoiser:

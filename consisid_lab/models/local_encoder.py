@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from consisid_lab.types import IdentityFeatures
+from consisid_lab.types import FeatureSpec, IdentityFeatures
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +20,26 @@ ArcFaceLayer = Literal["last", "penultimate"]
 
 
 class LocalEncoder(nn.Module):
-    """Interface: frozen feature extractor. ``vector_dims`` / ``token_dims`` declare what ``forward`` returns."""
+    """Interface: frozen feature extractor. ``spec`` (a :class:`FeatureSpec`) declares what ``forward`` returns;
+    fusers are built from it alone."""
 
     frozen = True  # declared: trainable selectors never unfreeze it
-    vector_dims: dict[str, int]
-    token_dims: dict[str, int]
+    spec: FeatureSpec
 
     def forward(self, face: Tensor) -> IdentityFeatures:  # face: (B, 3, H, W) in [-1, 1]
         raise NotImplementedError
 
     @property
+    def vector_dims(self) -> dict[str, int]:
+        return dict(self.spec.vectors)
+
+    @property
+    def token_dims(self) -> dict[str, int]:
+        return dict(self.spec.tokens)
+
+    @property
     def has_tokens(self) -> bool:
-        return bool(self.token_dims)
+        return self.spec.has_tokens
 
 
 class NoLocalEncoder(LocalEncoder):
@@ -39,8 +47,7 @@ class NoLocalEncoder(LocalEncoder):
 
     def __init__(self) -> None:
         super().__init__()
-        self.vector_dims = {}
-        self.token_dims = {}
+        self.spec = FeatureSpec(source="model/local_encoder=none")
 
     def forward(self, face: Tensor) -> IdentityFeatures:
         return IdentityFeatures()
@@ -52,8 +59,7 @@ class PrecomputedFeatures(LocalEncoder):
 
     def __init__(self, vector_dims: dict[str, int], token_dims: dict[str, int]) -> None:
         super().__init__()
-        self.vector_dims = dict(vector_dims)
-        self.token_dims = dict(token_dims)
+        self.spec = FeatureSpec(dict(vector_dims), dict(token_dims), source="the published face encoder")
 
     def forward(self, face: Tensor) -> IdentityFeatures:
         raise RuntimeError(
@@ -104,8 +110,11 @@ class StandInLocalEncoder(LocalEncoder):
         # Dimensions are read off one dry forward so the fuser can be built with explicit sizes.
         with torch.no_grad():
             probe = self._extract(torch.zeros(1, 3, image_size, image_size))
-        self.vector_dims = {k: v.shape[-1] for k, v in probe.vectors.items()}
-        self.token_dims = {k: v.shape[-1] for k, v in probe.tokens.items()}
+        self.spec = FeatureSpec(
+            {k: int(v.shape[-1]) for k, v in probe.vectors.items()},
+            {k: int(v.shape[-1]) for k, v in probe.tokens.items()},
+            source=f"the stand-in local encoder (arcface={arcface}, clip={clip}, arcface_layer={arcface_layer})",
+        )
         self.token_counts = {k: v.shape[1] for k, v in probe.tokens.items()}
 
     def train(self, mode: bool = True) -> StandInLocalEncoder:

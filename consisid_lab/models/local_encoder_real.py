@@ -28,7 +28,7 @@ from consisid_lab.faces.analysis import (
     to_rgb_uint8,
 )
 from consisid_lab.models.local_encoder import ArcFaceLayer, LocalEncoder
-from consisid_lab.types import IdentityFeatures
+from consisid_lab.types import FeatureSpec, IdentityFeatures
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,15 @@ class RealFaceLocalEncoder(LazyFaceAnalyzer, LocalEncoder):
             from consisid_lab.faces.eva_clip import EvaClipEncoder
 
             self.clip = EvaClipEncoder(clip_checkpoint or None, model_name=clip_model_name, blocks=tuple(clip_blocks))
-        self.vector_dims: dict[str, int] = {}
-        self.token_dims: dict[str, int] = {}
+        vectors: dict[str, int] = {}
+        tokens: dict[str, int] = {}
         for part in (self.arcface, self.clip):
             if part is not None:
-                self.vector_dims.update(part.vector_dims)
-                self.token_dims.update(part.token_dims)
+                vectors.update(part.vector_dims)
+                tokens.update(part.token_dims)
+        self.spec = FeatureSpec(
+            vectors, tokens, source=f"model/local_encoder=insightface_evaclip (arcface_layer={arcface_layer})"
+        )
         self._analyzer: FaceAnalyzer | None = None
         self.eval()
 
