@@ -171,3 +171,35 @@ def test_a_key_of_another_variant_names_the_setting_and_the_fix(standin_cache, t
     cfg = compose_train(["model/global_encoder=none", "+model.global_encoder.use_kps=true"], tmp_path, standin_cache)
     with pytest.raises(ValueError, match="global_encoder=none has no latent.*use_kps=false.*face_latent"):
         build_denoiser(cfg.model)
+
+
+def test_arcface_layer_experiments_give_the_declared_features(standin_cache, tmp_path, published_parts):
+    """last: the 512-d embedding only; penultimate: the spatial map instead; both (the default): the two."""
+    face, _ = _face()
+    built = {}
+    cases = {
+        "last": ["+experiment=arcface_last"],
+        "penultimate": ["+experiment=arcface_penultimate"],
+        "both": [],
+        "only_map": ["+experiment=arcface_only", "model.local_encoder.arcface_layer=penultimate"],
+    }
+    sizes = [o for g, v in BASE_CHOICES["default"].items() for o in _sizes(g, v, published_parts, "")]
+    common = ["debug=fast", "standins_recipe=tiny", f"data.num_frames={FRAMES}", f"data.height={SIZE}"]
+    for name, overrides in cases.items():
+        cfg = compose_train([*common, f"data.width={SIZE}", *sizes, *overrides], tmp_path, standin_cache, tiny=False)
+        if name == "only_map":  # the perceiver's ID tokens come from vectors: refused naming the fix
+            with pytest.raises(ValueError, match="perceiver needs feature vectors.*arcface_layer=penultimate.*both"):
+                build_denoiser(cfg.model)
+            continue
+        model = build_denoiser(cfg.model).eval()
+        _forward(model)
+        with torch.no_grad():
+            built[name] = model.local_encoder(face)
+        assert model.local_encoder.spec.vectors == {k: v.shape[-1] for k, v in built[name].vectors.items()}
+    last, pen, both = built["last"], built["penultimate"], built["both"]
+    assert "arcface" in last.vectors and "arcface_penultimate" not in last.tokens
+    assert "arcface" not in pen.vectors and "arcface_penultimate" in pen.tokens
+    assert set(both.vectors) == set(last.vectors) and set(both.tokens) == set(pen.tokens)
+    assert set(last.tokens) | {"arcface_penultimate"} == set(pen.tokens)  # CLIP's maps are there in every case
+    torch.testing.assert_close(both.vectors["arcface"], last.vectors["arcface"])
+    torch.testing.assert_close(both.tokens["arcface_penultimate"], pen.tokens["arcface_penultimate"])

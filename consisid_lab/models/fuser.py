@@ -20,6 +20,7 @@ class Fuser(nn.Module):
     """Interface. ``needs_tokens``: the fuser cannot work from vectors alone."""
 
     needs_tokens: bool = False
+    needs_vectors: bool = False
     frozen: bool = False
     output_dim: int
     name: str = "fuser"
@@ -38,6 +39,12 @@ class Fuser(nn.Module):
             raise ValueError(
                 f"model/fuser={cls.name}: {spec.source} declares no features; pick a model/local_encoder other "
                 "than none, or drop the local route (model/local_encoder=none builds no fuser)"
+            )
+        if cls.needs_vectors and not spec.vectors:
+            raise ValueError(
+                f"model/fuser={cls.name} needs feature vectors (its ID tokens come from them), but {spec.source} "
+                f"declares only token maps {list(spec.tokens)}; add a vector (model/local_encoder=arcface_clip, "
+                "or arcface_layer=both / last) or pick model/fuser=concat"
             )
         if cls.needs_tokens and not spec.has_tokens:
             raise ValueError(
@@ -121,6 +128,7 @@ class PerceiverFuser(Fuser):
     """
 
     needs_tokens = True
+    needs_vectors = True
     name = "perceiver"
 
     def __init__(

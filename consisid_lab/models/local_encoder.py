@@ -16,7 +16,16 @@ from consisid_lab.types import FeatureSpec, IdentityFeatures
 
 log = logging.getLogger(__name__)
 
-ArcFaceLayer = Literal["last", "penultimate"]
+ArcFaceLayer = Literal["last", "penultimate", "both"]
+ARCFACE_LAYERS = ("last", "penultimate", "both")
+
+
+def arcface_outputs(layer: str) -> tuple[bool, bool]:
+    """``(embedding, spatial map)`` that ``arcface_layer`` asks for: ``last`` the 512-d embedding (the released
+    code), ``penultimate`` the spatial map instead of it (the paper's ablation), ``both`` the two."""
+    if layer not in ARCFACE_LAYERS:
+        raise ValueError(f"arcface_layer must be one of {list(ARCFACE_LAYERS)}, got {layer!r}")
+    return layer in ("last", "both"), layer in ("penultimate", "both")
 
 
 class LocalEncoder(nn.Module):
@@ -72,8 +81,8 @@ class StandInLocalEncoder(LocalEncoder):
     """ArcFace-loss identity network and/or small CLIP from the stand-in cache (built on first use).
 
     ``arcface_layer='last'`` gives the final embedding as the vector ``arcface`` (the released code's choice);
-    ``'penultimate'`` additionally exposes the last spatial feature map as the token map
-    ``arcface_penultimate`` (the paper's choice: it keeps spatial information), fused as one more scale.
+    ``'penultimate'`` gives the last spatial feature map as the token map ``arcface_penultimate`` instead (the
+    paper's choice: it keeps spatial information), fused as one more scale; ``'both'`` gives the two.
     CLIP gives the projected embedding ``clip`` and the hidden states of ``clip_layers`` as token maps.
     """
 
@@ -92,8 +101,7 @@ class StandInLocalEncoder(LocalEncoder):
             raise ValueError(
                 "StandInLocalEncoder needs arcface=True or clip=True; for no local route use model/local_encoder=none"
             )
-        if arcface_layer not in ("last", "penultimate"):
-            raise ValueError(f"arcface_layer must be 'last' or 'penultimate', got {arcface_layer!r}")
+        self._arc_embedding, self._arc_map = arcface_outputs(arcface_layer)
         from consisid_lab.encoders.recipes import named_recipe
         from consisid_lab.encoders.store import load_standins
 
@@ -124,8 +132,9 @@ class StandInLocalEncoder(LocalEncoder):
     def _extract(self, face: Tensor) -> IdentityFeatures:
         feats = IdentityFeatures()
         if self.identity_net is not None:
-            feats.vectors["arcface"] = self.identity_net.embed(face)  # (B, D_id)
-            if self.arcface_layer == "penultimate":
+            if self._arc_embedding:
+                feats.vectors["arcface"] = self.identity_net.embed(face)  # (B, D_id)
+            if self._arc_map:
                 feats.tokens["arcface_penultimate"] = self.identity_net.tokens(face)  # (B, h*w, C)
         if self.clip is not None:
             embedding, hidden = self.clip.encode(face)  # (B, D_clip), {name: (B, N, D_vit)}

@@ -47,7 +47,8 @@ class RealFaceLocalEncoder(LazyFaceAnalyzer, LocalEncoder):
     Args:
         arcface_dir: insightface model directory (``antelopev2`` or ``buffalo_l``); ``None`` drops the ArcFace half.
         clip_checkpoint: EVA-CLIP or open_clip checkpoint file; ``None`` drops the CLIP half.
-        arcface_layer: ``last`` (512-d embedding) or ``penultimate`` (adds the spatial map as tokens).
+        arcface_layer: ``last`` (the 512-d embedding), ``penultimate`` (the spatial map as tokens instead) or
+            ``both``.
         clip_blocks: CLIP hidden states entering these blocks become token maps.
         face_policy: which face of a multi-face image is used (``largest``, ``center``, ``highest_score``).
         clip_model_name: open_clip model config of the checkpoint.
