@@ -22,17 +22,18 @@ def load_module(ckpt_path: str, use_ema: bool = True):
     and test saw during training).
     """
     from consisid_lab.models.lit_module import IdentityVideoModule, migrate_checkpoint
+    from consisid_lab.utils.checkpoints import load_checkpoint, localised_config
 
     # The weights come from the checkpoint: the pretrained directory the run started from is not read again
-    # (it need not exist where the checkpoint is used).
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    hparams = ckpt.get("hyper_parameters") or {}
-    backbone = dict(hparams.get("backbone") or {})
-    overrides: dict[str, Any] = {"init_from": None}
-    if backbone.get("pretrained"):
-        overrides["backbone"] = {**backbone, "pretrained": None}
+    # (it need not exist where the checkpoint is used). Cache paths are stored portably and resolve to this
+    # machine's cache.
+    ckpt = load_checkpoint(ckpt_path)
+    hparams = localised_config(dict(ckpt.get("hyper_parameters") or {}))
+    overrides: dict[str, Any] = {**hparams, "init_from": None}
+    if (hparams.get("backbone") or {}).get("pretrained"):
+        overrides["backbone"] = {**hparams["backbone"], "pretrained": None}
     module = IdentityVideoModule.load_from_checkpoint(
-        ckpt_path, map_location="cpu", strict=True, weights_only=False, **overrides
+        ckpt_path, map_location="cpu", strict=True, weights_only=True, **overrides
     )
     if use_ema:
         migrate_checkpoint(ckpt)

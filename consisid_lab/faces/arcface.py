@@ -7,8 +7,9 @@ Other packs work when they hold one recognition model (insightface's router sees
 
 ``layer="penultimate"`` is the paper's choice (the layer before the embedding keeps spatial information, given
 instead of the embedding); the released code uses ``last``; ``both`` gives the two. Both come from the same ONNX
-graph: the map is the input of the head's final Flatten/Reshape, found by walking the graph back from the embedding output (never by a node name of one file),
-added as a second graph output and saved once to a cache keyed by the file's hash.
+graph: the map is the input of the head's final Flatten/Reshape, found by walking the graph back from the embedding
+output (never by a node name of one file), added as a second graph output and saved once to a cache keyed by the
+file's hash.
 
 The embedding is returned as the network emits it (not L2-normalised), like insightface's ``Face.embedding`` that
 the released code feeds to its fuser.

@@ -420,14 +420,26 @@ class IdentityVideoModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["run_config"] = self.run_config
+        from consisid_lab.utils.checkpoints import machine_cache_dir, portable_config
+
+        # No absolute cache path of this machine in the stored config: written relative to a marker that the
+        # loading machine resolves to its own cache (consisid_lab.utils.checkpoints.localised_config).
+        roots = dict.fromkeys([((self.run_config or {}).get("paths") or {}).get("cache_dir"), machine_cache_dir()])
+        hparams, run_config = dict(checkpoint.get("hyper_parameters") or {}), self.run_config
+        for root in roots:
+            hparams, run_config = portable_config(hparams, root), portable_config(run_config, root)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = hparams
+        checkpoint["run_config"] = run_config
         checkpoint["stability"] = dict(self.stability)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict and the callbacks' states are restored (fit resume and load_from_checkpoint).
         if migrate_checkpoint(checkpoint):
             log.info("migrated a checkpoint of the layout before the denoiser (keys now under %r)", DENOISER)
-        self.run_config = checkpoint.get("run_config")
+        from consisid_lab.utils.checkpoints import localised_config
+
+        self.run_config = localised_config(checkpoint.get("run_config"))
         self.stability.update(checkpoint.get("stability") or {})
 
     # ------------------------------------------------------------------ optimisation
