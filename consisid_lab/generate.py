@@ -198,7 +198,7 @@ def sample_published(
     width: int = 720,
     num_steps: int = 50,
     guidance_scale: float = 6.0,
-    use_dynamic_cfg: bool = True,
+    use_dynamic_cfg: bool = False,
     generator: torch.Generator | None = None,
     latents: Tensor | None = None,
     kps: np.ndarray | None = None,

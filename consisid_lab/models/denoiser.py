@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,15 +188,26 @@ class IdentityDenoiser(nn.Module):
         return self.text_encoder(captions)  # (B, L, D_text)
 
     def identity(
-        self, face: Tensor, kps: Tensor, num_latent_frames: int, features: IdentityFeatures | None = None
+        self,
+        face: Tensor,
+        kps: Tensor,
+        num_latent_frames: int,
+        features: IdentityFeatures | None = None,
+        perturb_image: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         """Global conditioning latent ``(B, f, C_g, h, w)`` and identity tokens ``(B, Q, D_kv)`` (either may be
         ``None``) for reference faces ``(B, 3, H, W)`` with keypoints ``(B, 5, 2)``.
 
         ``features``: the local encoder's features when already known (the preprocessing cache).
+        ``perturb_image``: applied to the face image, then the keypoint image, that the global encoder encodes
+        (the released training's image noise); the local encoder sees the face unperturbed.
         """
         kps_image = self.keypoint_renderer(face, kps) if self.uses_kps else None
-        g = self.global_encoder(face, kps_image, self.vae, num_latent_frames)
+        g_face = face
+        if perturb_image is not None and self.global_encoder.channels(self.vae) > 0:
+            g_face = perturb_image(face)
+            kps_image = None if kps_image is None else perturb_image(kps_image)
+        g = self.global_encoder(g_face, kps_image, self.vae, num_latent_frames)
         if self.fuser is None:
             return g, None
         features = self.local_encoder(face) if features is None else features
@@ -215,9 +226,10 @@ class IdentityDenoiser(nn.Module):
         text: Tensor | list[str],
         num_latent_frames: int,
         features: IdentityFeatures | None = None,
+        perturb_image: Callable[[Tensor], Tensor] | None = None,
     ) -> Conditions:
         """:class:`Conditions` from reference faces and captions (or already encoded text ``(B, L, D_text)``)."""
-        g, tokens = self.identity(face, kps, num_latent_frames, features)
+        g, tokens = self.identity(face, kps, num_latent_frames, features, perturb_image)
         text = self.encode_text(list(text)) if not isinstance(text, Tensor) else text
         return Conditions(text=text, global_latent=g, identity_tokens=tokens)
 

@@ -12,7 +12,9 @@ State-dict keys are the denoiser's under ``denoiser.``; checkpoints written befo
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -56,6 +58,50 @@ def migrate_checkpoint(checkpoint: dict[str, Any]) -> bool:
     return True
 
 
+LR_SCHEDULES = ("constant", "cosine_with_restarts")
+
+
+def lr_schedule(schedule: str, warmup_steps: int, total_steps: int, num_cycles: int = 1) -> Callable[[int], float]:
+    """The learning-rate factor of optimiser step ``step`` (``LambdaLR``): a linear warm-up over ``warmup_steps``
+    (``(step + 1) / warmup_steps``), then ``constant`` (1) or ``cosine_with_restarts`` (as released): ``num_cycles``
+    cosine decays from 1 to 0 over the remaining ``total_steps - warmup_steps`` steps, each restarting at 1."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"model.optimizer.schedule={schedule!r} is not one of {list(LR_SCHEDULES)}")
+    if num_cycles < 1:
+        raise ValueError(f"model.optimizer.num_cycles={num_cycles} must be >= 1")
+    if schedule != "constant" and total_steps <= warmup_steps:
+        log.warning(
+            "model.optimizer.warmup_steps=%d >= trainer.max_steps=%d: the run ends inside the warm-up and never "
+            "reaches the %s decay",
+            warmup_steps,
+            total_steps,
+            schedule,
+        )
+    span = max(1, total_steps - warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / span
+        if progress >= 1.0:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
+
+    return factor
+
+
+def diff_lr_multipliers(cfg: Mapping[str, Any]) -> dict[str, float]:
+    """The released "diff-lr" (``model.optimizer.diff_lr: true``): the identity cross-attention (``backbone.injector``)
+    at ``diff_lr_identity`` (x10 as released) times the learning rate, every other module at ``diff_lr_rest`` (x0.1).
+    Explicit ``lr_multipliers`` override these."""
+    if not cfg.get("diff_lr", False):
+        return {}
+    identity, rest = float(cfg.get("diff_lr_identity", 10.0)), float(cfg.get("diff_lr_rest", 0.1))
+    return {**dict.fromkeys(COMPONENTS, rest), "backbone.injector": identity}
+
+
 class IdentityVideoModule(pl.LightningModule):
     def __init__(
         self,
@@ -91,6 +137,7 @@ class IdentityVideoModule(pl.LightningModule):
         self._streak_batch: VideoBatch | None = None
         self.loss_cfg = dict(to_container(loss))
         self.loss_settings = objective.LossSettings.parse(self.loss_cfg)
+        self._warned_cached_posterior = False
         self.sampling_cfg = dict(to_container(sampling))
         self.optimizer_cfg = dict(to_container(optimizer))
 
@@ -179,9 +226,18 @@ class IdentityVideoModule(pl.LightningModule):
 
     def compute_loss(self, batch: VideoBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective of one step; all its randomness comes from (seed, global step): exact resume."""
-        gen = objective.step_generator(self.loss_settings.seed, self.global_step)
-        x0 = self._latents(batch)  # (B, f, C, h, w)
-        return objective.training_loss(self.denoiser, self.noise_scheduler, batch, x0, self.loss_settings, gen)
+        settings = self.loss_settings
+        gen = objective.step_generator(settings.seed, self.global_step)
+        with objective.posterior_sampling(self.denoiser.vae, settings, settings.seed, self.global_step) as sampled:
+            if sampled and "latents" in batch.cached and not self._warned_cached_posterior:
+                self._warned_cached_posterior = True
+                log.warning(
+                    "model.loss.sample_posterior=true, but the video latents come from the preprocessing cache (the "
+                    "posterior means): only the reference image's latent is sampled; train without the latent cache "
+                    "to sample the video latents too"
+                )
+            x0 = self._latents(batch)  # (B, f, C, h, w)
+            return objective.training_loss(self.denoiser, self.noise_scheduler, batch, x0, settings, gen)
 
     def _stage_clip(self, batch: VideoBatch) -> VideoBatch:
         """Shorten clips to the current stage's ``num_frames`` (hierarchical training on short clips first)."""
@@ -447,7 +503,7 @@ class IdentityVideoModule(pl.LightningModule):
         """AdamW with one parameter group per module prefix (named, so stages can retune their learning rates)."""
         cfg = self.optimizer_cfg
         base_lr = float(cfg.get("lr", 1e-4))
-        multipliers: dict[str, float] = dict(cfg.get("lr_multipliers") or {})
+        multipliers: dict[str, float] = {**diff_lr_multipliers(cfg), **dict(cfg.get("lr_multipliers") or {})}
         prefixes = set(multipliers) | {m for st in self.stages for m in st.lr_multipliers}
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for name, p in self.denoiser.named_parameters():
@@ -470,7 +526,20 @@ class IdentityVideoModule(pl.LightningModule):
             eps=float(cfg.get("eps", 1e-8)),
         )
         warmup = int(cfg.get("warmup_steps", 0))
-        if warmup <= 0:
+        schedule = str(cfg.get("schedule", "constant"))
+        if warmup <= 0 and schedule == "constant":
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        total = self._total_steps() if schedule != "constant" else 0
+        factor = lr_schedule(schedule, warmup, total, int(cfg.get("num_cycles", 1)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        steps = int(trainer.max_steps) if trainer is not None else -1
+        if steps <= 0:
+            raise ValueError(
+                f"model.optimizer.schedule={self.optimizer_cfg.get('schedule')!r} decays over trainer.max_steps, but "
+                f"trainer.max_steps={steps}; set trainer.max_steps, or model.optimizer.schedule=constant"
+            )
+        return steps
