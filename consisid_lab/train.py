@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from consisid_lab.utils.checkpoints import resume_checkpoint
 from consisid_lab.utils.instantiate import instantiate, to_container
 from consisid_lab.utils.run import in_multirun, log_config, recorded_run, seed_everything
+from consisid_lab.utils.strategies import check_strategy
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def check_weight_sources(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one composition; returns the final metrics. Every outcome is written to metrics.json."""
     check_weight_sources(cfg)
+    check_strategy(cfg.trainer)
     with recorded_run(cfg) as record:
         seed_everything(cfg.seed)
         ckpt_path = resume_checkpoint(cfg.get("ckpt_path"))
