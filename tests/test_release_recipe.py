@@ -269,3 +269,15 @@ def test_release_recipe_composes_and_trains_two_steps(train_cfg, caplog):
     assert record["status"] == "completed" and record["experiment"] == "consisid_release_recipe"
     objective._warned_no_posterior.discard("StandInCodec")
     assert "has no posterior" in caplog.text or "StandInCodec" in caplog.text
+
+
+def test_generate_samples_published_models_with_dynamic_cfg_off_as_released():
+    import inspect
+
+    from conftest import CONF
+    from omegaconf import OmegaConf
+
+    from consisid_lab.generate import sample_published
+
+    assert OmegaConf.load(CONF / "generate.yaml").published.use_dynamic_cfg is False
+    assert inspect.signature(sample_published).parameters["use_dynamic_cfg"].default is False
