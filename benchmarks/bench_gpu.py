@@ -195,12 +195,13 @@ def timed(fn: Callable[[], None], steps: int, warmup: int, device: torch.device)
 
 
 def bench_training(ref: Any, ours: Any, config: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    from consisid_lab.models.consisid import consisid_forward
     from consisid_lab.models.diffusion import add_noise, make_scheduler, v_target
 
     scheduler = make_scheduler()
     data = inputs(config, args, device, batch=1)
     f, h, w = data["shape"]
-    rotary = ours.rotary_embedding(f, h, w, device=device)
+    rotary = ours.backbone.rotary_embedding(f, h, w, device=device)
     x0 = data["latents"]
     noise = torch.randn_like(x0)
     t = torch.full((1,), 500, device=device, dtype=torch.long)
@@ -225,7 +226,7 @@ def bench_training(ref: Any, ours: Any, config: dict, args: argparse.Namespace, 
                 if diffusers_layout:
                     out = model(inp, data["text"], t, image_rotary_emb=rotary, return_dict=False, **kwargs)[0]
                 else:
-                    out = model(inp, data["text"], t, rotary, **kwargs)
+                    out = consisid_forward(model, inp, data["text"], t, **kwargs)
                 loss = (out.float() - target).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,11 +21,22 @@ def load_module(ckpt_path: str, use_ema: bool = True):
     With ``use_ema`` the EMA weights saved by ``TrainableEMA`` replace the trainable parameters (what validation
     and test saw during training).
     """
-    from consisid_lab.models.lit_module import IdentityVideoModule
+    from consisid_lab.models.lit_module import IdentityVideoModule, migrate_checkpoint
+    from consisid_lab.utils.checkpoints import load_checkpoint, localised_config
 
-    module = IdentityVideoModule.load_from_checkpoint(ckpt_path, map_location="cpu", strict=True, weights_only=False)
+    # The weights come from the checkpoint: the pretrained directory the run started from is not read again
+    # (it need not exist where the checkpoint is used). Cache paths are stored portably and resolve to this
+    # machine's cache.
+    ckpt = load_checkpoint(ckpt_path)
+    hparams = localised_config(dict(ckpt.get("hyper_parameters") or {}))
+    overrides: dict[str, Any] = {**hparams, "init_from": None}
+    if (hparams.get("backbone") or {}).get("pretrained"):
+        overrides["backbone"] = {**hparams["backbone"], "pretrained": None}
+    module = IdentityVideoModule.load_from_checkpoint(
+        ckpt_path, map_location="cpu", strict=True, weights_only=True, **overrides
+    )
     if use_ema:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        migrate_checkpoint(ckpt)
         states = [v for k, v in (ckpt.get("callbacks") or {}).items() if k.startswith("TrainableEMA")]
         if states:
             params = dict(module.named_parameters())

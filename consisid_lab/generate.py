@@ -35,6 +35,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from consisid_lab.models.consisid import consisid_features
+from consisid_lab.models.denoiser import Conditions
 from consisid_lab.models.diffusion import sample
 
 log = logging.getLogger(__name__)
@@ -196,7 +198,7 @@ def sample_published(
     width: int = 720,
     num_steps: int = 50,
     guidance_scale: float = 6.0,
-    use_dynamic_cfg: bool = True,
+    use_dynamic_cfg: bool = False,
     generator: torch.Generator | None = None,
     latents: Tensor | None = None,
     kps: np.ndarray | None = None,
@@ -240,24 +242,23 @@ def sample_published(
     pad = cond_latent.new_zeros(b, f - cond_latent.shape[1], c, h, w)
     cond_latent = torch.cat([cond_latent, pad], dim=1).to(device)  # (B, f, C, h, w)
 
-    rotary = denoiser.rotary_embedding(f, h, w, device=device)
-    vit = [t.to(device) for t in id_vit_hidden] if id_vit_hidden else None
-    idc = id_cond.to(device) if id_cond is not None else None
+    # Local route: the released preprocessing's features, fused once (the pipeline fuses the same inputs per call).
+    features = consisid_features(
+        id_cond.to(device=device, dtype=dtype) if id_cond is not None else None,
+        [t.to(device=device, dtype=dtype) for t in id_vit_hidden] if id_vit_hidden else None,
+    )
 
-    def model_fn(x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    def model_fn(x_t: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
         reps = x_t.shape[0] // b  # 2 when the CFG halves are batched
-        inp = torch.cat([x_t, cond_latent.to(x_t.dtype).repeat(reps, 1, 1, 1, 1)], dim=2)  # (rB, f, 2C, h, w)
-        out = denoiser(
-            inp,
-            cond["text"].to(x_t.dtype),
-            t,
-            image_rotary_emb=rotary,
-            id_cond=idc.repeat(reps, 1) if idc is not None else None,
-            id_vit_hidden=[v.repeat(reps, 1, 1) for v in vit] if vit else None,
+        cond = Conditions(
+            text=inputs["text"],
+            global_latent=cond_latent.repeat(reps, 1, 1, 1, 1),  # (rB, f, C, h, w)
+            identity_tokens=tokens.repeat(reps, 1, 1) if tokens is not None else None,
         )
-        return out
+        return denoiser(x_t, t, cond)
 
-    with on_device(denoiser, device, cpu_offload):
+    with on_device(denoiser.backbone, device, cpu_offload), on_device(denoiser.fuser, device, cpu_offload):
+        tokens = denoiser.identity_tokens(features)  # (B, Q, D_kv) | None
         x0 = sample(
             model_fn,
             shape=(b, f, c, h, w),
@@ -328,35 +329,29 @@ def sample_checkpoint(
     ``face`` ``(1, 3, H, W)`` in [-1, 1] and ``kps`` ``(1, 5, 2)``: the reference at the video size
     (:func:`consisid_lab.data.reference_faces.reference_face`).
     """
+    from consisid_lab.models.sampling import sample_video
+
     module = module.to(device).eval()
-    codec = module.vae
-    check_video_size(codec, module.backbone.patch_size, num_frames, height, width)
-    f, c, h, w = codec.latent_shape(num_frames, height, width)
-    g, tokens, _ = module.identity_conditions(face.to(device), kps.to(device), f)
-    text = module.encode_text([prompt]).float()
-    do_cfg = guidance_scale > 1.0
-    uncond = module.encode_text([negative_prompt]).float() if do_cfg else None
-
-    def model_fn(x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return module.denoise(x_t, t, cond["text"].to(x_t.dtype), g, tokens)
-
-    # Our checkpoints hold float32 weights: reduced precision runs as autocast, the solver state stays float32.
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with autocast:
-        x0 = sample(
-            model_fn,
-            shape=(1, f, c, h, w),
-            scheduler=module.noise_scheduler,
-            num_steps=num_steps,
-            cond={"text": text},
-            uncond={"text": uncond} if do_cfg else None,
-            guidance_scale=guidance_scale if do_cfg else 1.0,
-            use_dynamic_cfg=use_dynamic_cfg and do_cfg,
-            generator=generator,
-            device=device,
-            on_step=on_step,
-        )
-    return codec.decode(x0.to(text.dtype)).float().clamp(-1, 1)
+    check_video_size(module.denoiser.vae, module.denoiser.backbone.patch_size, num_frames, height, width)
+    return sample_video(
+        module.denoiser,
+        module.noise_scheduler,
+        face=face,
+        kps=kps,
+        captions=[prompt],
+        negative=[negative_prompt],
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        use_dynamic_cfg=use_dynamic_cfg,
+        generator=generator,
+        device=device,
+        dtype=dtype,
+        released_cfg_rule=True,
+        on_step=on_step,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- the task
@@ -480,7 +475,10 @@ def generate_published(
     # T5 visits the GPU only to encode the two prompts (its 4.7 B parameters are not needed afterwards).
     prompt, negative = encode_prompts(model.text_encoder, cfg.prompt, cfg.negative_prompt, device, offload=True)
     if not cfg.cpu_offload:
-        model.denoiser.to(device)
+        # The transformer parts and the VAE; the T5 the denoiser also holds stays where it is.
+        model.denoiser.backbone.to(device)
+        if model.denoiser.fuser is not None:
+            model.denoiser.fuser.to(device)
         model.vae.to(device)
     face_image = ((ref.image[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
     plan = f"generating {settings.describe()} from {cfg.model_path} with the face in {Path(str(cfg.face)).name}"
@@ -519,10 +517,12 @@ def generate_from_checkpoint(
     defaults = checkpoint_defaults(module)
     settings = sampling_settings(cfg, defaults, f"the checkpoint {ckpt}")
     trained = f"{defaults.get('height', '?')} x {defaults.get('width', '?')} as trained"
-    check_video_size(module.vae, module.backbone.patch_size, **settings.size, note=trained)
+    check_video_size(module.denoiser.vae, module.denoiser.backbone.patch_size, **settings.size, note=trained)
     data_cfg = (module.run_config or {}).get("data")
     ref = reference_face(str(cfg.face), data_cfg, settings.height, settings.width)
-    plan = f"generating {settings.describe()} ({type(module.vae).__name__}) from {ckpt} with {ref.description}"
+    plan = (
+        f"generating {settings.describe()} ({type(module.denoiser.vae).__name__}) from {ckpt} with {ref.description}"
+    )
     with SamplingProgress(plan, settings.num_steps, device, bar=cfg.progress) as progress:
         video = sample_checkpoint(
             module,

@@ -8,6 +8,64 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a local encoder declares it emits: the one object fusers are built from.
+
+    vectors: name -> width of each ``(B, D)`` vector, in emission order (e.g. ``{"arcface": 512, "clip": 768}``).
+    tokens: name -> width of each ``(B, N, D)`` token map, in emission order.
+    source: who declared it (named in errors, e.g. ``model/local_encoder=arcface_clip``).
+    """
+
+    vectors: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    source: str = "the local encoder"
+
+    def __post_init__(self) -> None:
+        for kind, dims in (("vector", self.vectors), ("token map", self.tokens)):
+            for name, dim in dims.items():
+                if not isinstance(dim, int) or dim < 1:
+                    raise ValueError(f"{self.source} declares {kind} {name!r} of width {dim!r}; widths are ints >= 1")
+
+    @property
+    def id_dim(self) -> int:
+        """Summed width of the vectors (what a fuser concatenating them takes)."""
+        return sum(self.vectors.values())
+
+    @property
+    def vector_dims(self) -> list[int]:
+        return list(self.vectors.values())
+
+    @property
+    def token_dims(self) -> list[int]:
+        return list(self.tokens.values())
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.tokens)
+
+    def is_empty(self) -> bool:
+        return not self.vectors and not self.tokens
+
+    def check(self, features: IdentityFeatures) -> None:
+        """Raise naming the difference when ``features`` are not what this spec declares."""
+        got_v = {k: int(v.shape[-1]) for k, v in features.vectors.items()}
+        got_t = {k: int(t.shape[-1]) for k, t in features.tokens.items()}
+        if got_v != dict(self.vectors) or got_t != dict(self.tokens):
+            raise ValueError(
+                f"identity features {got_v} + token maps {got_t} are not what {self.source} declares "
+                f"({dict(self.vectors)} + {dict(self.tokens)}); recompute cached features with this local encoder"
+            )
+
+    def random_features(self, batch_size: int, num_tokens: int = 4, generator: torch.Generator | None = None):
+        """Features of the declared shapes filled with noise (contract tests, dry runs)."""
+        g = generator
+        return IdentityFeatures(
+            vectors={k: torch.randn(batch_size, d, generator=g) for k, d in self.vectors.items()},
+            tokens={k: torch.randn(batch_size, num_tokens, d, generator=g) for k, d in self.tokens.items()},
+        )
+
+
 @dataclass
 class IdentityFeatures:
     """What a local encoder extracts from a reference face.

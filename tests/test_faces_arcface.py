@@ -96,6 +96,7 @@ def _aligned_batch(n: int = 2) -> np.ndarray:
 
 
 def test_last_and_penultimate_match_the_torch_module(tiny, model_dir, tmp_path):
+    """last: the embedding alone; penultimate: the spatial map instead; both: the two."""
     aligned = _aligned_batch()
     ref_emb, ref_map = _reference(tiny, aligned)
 
@@ -109,9 +110,15 @@ def test_last_and_penultimate_match_the_torch_module(tiny, model_dir, tmp_path):
     pen = InsightFaceArcFace(model_dir, layer="penultimate", cache_dir=tmp_path / "cache")
     feats = pen.features(aligned)
     tokens = feats.tokens["arcface_penultimate"]
-    assert tokens.shape == (2, 49, 16)
-    assert pen.token_dims == {"arcface_penultimate": 16}
+    assert tokens.shape == (2, 49, 16) and not feats.vectors  # the map instead of the embedding
+    assert pen.token_dims == {"arcface_penultimate": 16} and pen.vector_dims == {}
+    both = InsightFaceArcFace(model_dir, layer="both", cache_dir=tmp_path / "cache")
+    feats = both.features(aligned)
+    assert both.vector_dims == {"arcface": 512} and both.token_dims == {"arcface_penultimate": 16}
     np.testing.assert_allclose(feats.vectors["arcface"].numpy(), ref_emb, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(feats.tokens["arcface_penultimate"].numpy(), tokens.numpy())
+    with pytest.raises(ValueError, match=r"arcface_layer must be one of \['last', 'penultimate', 'both'\], got 'map'"):
+        InsightFaceArcFace(model_dir, layer="map", cache_dir=tmp_path / "cache")
     # tokens are the map flattened row-major over (h, w): token k is pixel (k // 7, k % 7)
     np.testing.assert_allclose(tokens.numpy(), ref_map.reshape(2, 16, 49).transpose(0, 2, 1), atol=1e-4, rtol=1e-4)
     assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1
@@ -142,7 +149,7 @@ def test_renamed_graph_still_finds_the_map(tiny, tmp_path):
 
     aligned = _aligned_batch(1)
     ref_emb, ref_map = _reference(tiny, aligned)
-    enc = InsightFaceArcFace(d, layer="penultimate", cache_dir=tmp_path / "cache")
+    enc = InsightFaceArcFace(d, layer="both", cache_dir=tmp_path / "cache")
     feats = enc.features(aligned)
     np.testing.assert_allclose(feats.vectors["arcface"].numpy(), ref_emb, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(

@@ -35,7 +35,10 @@ def _record(run_dir: Path) -> dict:
 
 def _trainable(ckpt_path: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("fuser.", "backbone.", "text_encoder."))}
+    prefixes = ("denoiser.fuser.", "denoiser.backbone.", "denoiser.text_encoder.")
+    picked = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(prefixes)}
+    assert picked, f"no trainable weights under {prefixes} in {ckpt_path}"
+    return picked
 
 
 def _env(standin_cache: Path) -> dict[str, str]:

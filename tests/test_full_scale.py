@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from consisid_lab.models.consisid import build_from_config, to_diffusers_state_dict
+from consisid_lab.models.consisid import build_from_config, consisid_forward, to_diffusers_state_dict
 from consisid_lab.models.published import RELEASED_CONFIG
 from consisid_lab.types import IdentityFeatures
 
@@ -26,8 +26,8 @@ def test_released_composition_has_the_published_parameter_counts():
     total = sum(p.numel() for p in model.parameters())
     identity = sum(p.numel() for n, p in model.named_parameters() if n.startswith(IDENTITY_PREFIXES))
     assert (total, identity) == (TOTAL_PARAMS, IDENTITY_PARAMS)
-    assert len(model.backbone.blocks) == 42 and len(model.injector.layers) == 21
-    assert model.backbone.in_channels == 32 and model.backbone.inner_dim == 3072 and not model.is_kps
+    assert len(model.backbone.blocks) == 42 and len(model.backbone.injector.layers) == 21
+    assert model.backbone.in_channels == 32 and model.backbone.inner_dim == 3072 and not model.global_encoder.use_kps
     # Every weight has a released (diffusers) name: the published checkpoint loads strictly.
     keys = to_diffusers_state_dict(model)
     assert "local_facial_extractor.latents" in keys and "perceiver_cross_attention.20.to_out.weight" in keys
@@ -42,20 +42,20 @@ def test_forward_shapes_at_49x480x720():
         t = torch.zeros(b, dtype=torch.long)
         id_cond = torch.empty(b, 1280)
         vit = [torch.empty(b, 577, 1024) for _ in range(5)]
-    rotary = model.rotary_embedding(f, h, w, device="meta")
+    rotary = model.backbone.rotary_embedding(f, h, w, device="meta")
     assert rotary[0].shape == (f * (h // 2) * (w // 2), 64)
     tokens = model.fuser(
         IdentityFeatures(vectors={"id_cond": id_cond}, tokens={f"vit_{k}": v for k, v in enumerate(vit)})
     )
     assert tokens.shape == (b, 32, 2048)
-    out = model(x, text, t, rotary, id_cond=id_cond, id_vit_hidden=vit)
+    out = consisid_forward(model, x, text, t, id_cond=id_cond, id_vit_hidden=vit)
     assert out.shape == (b, f, 16, h, w) and out.is_meta
 
 
 def test_identity_only_training_trains_exactly_the_identity_modules():
     model = _released()
     model.requires_grad_(False)
-    for module in (model.fuser, model.injector):
+    for module in (model.fuser, model.backbone.injector):
         module.requires_grad_(True)
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert sum(trainable.values()) == IDENTITY_PARAMS

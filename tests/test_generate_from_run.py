@@ -46,8 +46,40 @@ def _compose(*overrides: str):
 
 
 def _stored_data(run_dir: Path) -> dict:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return ckpt["run_config"]["data"]
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def test_checkpoints_load_weights_only_and_store_no_cache_path_of_the_machine(run_dir, standin_cache, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    from consisid_lab.eval import load_module
+    from consisid_lab.utils.checkpoints import CACHE_MARKER
+
+    path = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code: plain containers and tensors
+    stored = _strings(ckpt["hyper_parameters"]) + _strings(ckpt["run_config"])
+    assert not [s for s in stored if str(standin_cache) in s]
+    assert ckpt["hyper_parameters"]["local_encoder"]["cache_dir"] == f"{CACHE_MARKER}/standins"
+    assert ckpt["run_config"]["paths"]["standin_dir"] == f"{CACHE_MARKER}/standins"
+    # Loading resolves the marker to the loading machine's cache (here: another folder, holding a copy).
+    import shutil
+
+    other = tmp_path / "other_machine_cache"
+    shutil.copytree(standin_cache / "standins", other / "standins")
+    monkeypatch.setenv("CONSISID_LAB_CACHE", str(other))
+    module = load_module(str(path))
+    assert module.hparams["local_encoder"]["cache_dir"] == str(other / "standins")
+    assert module.run_config["paths"]["cache_dir"] == str(other)
 
 
 def _frames(path: Path) -> np.ndarray:

@@ -6,15 +6,15 @@ import pytest
 import torch
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock, CogVideoXTransformer3DModel
 
-from consisid_lab.models.backbone import VideoDiT
-from consisid_lab.models.consisid import ConsisIDDenoiser
+from consisid_lab.models.backbone import IN_BLOCK_SITES, INJECTION_SITES, VideoDiT
+from consisid_lab.models.denoiser import Conditions, IdentityDenoiser
 from consisid_lab.models.fuser import ConcatFuser, MLPFuser, PerceiverFuser
 from consisid_lab.models.injector import CrossAttentionInjector, NoInjector
-from consisid_lab.types import IdentityFeatures
+from consisid_lab.types import FeatureSpec, IdentityFeatures
 
 B, F, C_IN, C_OUT, H, W, L, D_TEXT = 2, 2, 6, 3, 8, 8, 5, 32
 KV, Q = 24, 4
-POSITIONS = ("after_block", "between_attn_ffn", "attn_input")
+POSITIONS = INJECTION_SITES  # declared once by the backbone
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -87,13 +87,38 @@ def test_backbone_rejects_wrong_channels() -> None:
         model(**x)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_grads() -> None:
+def test_the_backbone_declares_its_sites_once() -> None:
+    assert set(IN_BLOCK_SITES) < set(INJECTION_SITES) == set(VideoDiT.injection_sites)
+    import inspect
+
+    from consisid_lab.models.backbone import InjectableBlock
+
+    # every in-block site is a keyword of the block's forward (what the plain and the checkpointed call pass)
+    assert set(IN_BLOCK_SITES) <= set(inspect.signature(InjectableBlock.forward).parameters)
+
+
+def test_set_injector_refuses_sites_and_sizes_the_backbone_lacks() -> None:
+    class NoInBlockSites(VideoDiT):
+        injection_sites = ("after_block",)
+
+    model = NoInBlockSites("tiny", in_channels=C_IN, out_channels=C_OUT, config={"num_layers": 2})
+    inj = CrossAttentionInjector(model.inner_dim, KV, 2, position="between_attn_ffn", heads=2, dim_head=8)
+    with pytest.raises(ValueError, match=r"position\(s\) \['between_attn_ffn'\].*one of \['after_block'\]"):
+        model.set_injector(inj)
+    with pytest.raises(ValueError, match="built for 3 blocks but the backbone has 2"):
+        model.set_injector(CrossAttentionInjector(model.inner_dim, KV, 3, position="after_block", heads=2, dim_head=8))
+    with pytest.raises(ValueError, match="position 'attn_input' is unknown"):
+        CrossAttentionInjector(32, KV, 2, position="attn_input", sites=model.injection_sites)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(position: str) -> None:
     x = _inputs()
     tokens = _id_tokens(2).requires_grad_(True)
     results = []
     for ckpt in (False, True):
         model = _backbone()
-        model.set_injector(_injector(model, "between_attn_ffn"))
+        model.set_injector(_injector(model, position))
         model.enable_gradient_checkpointing(ckpt)
         t = tokens.detach().clone().requires_grad_(True)
         loss = model(**x, image_rotary_emb=model.rotary_embedding(F, H, W), identity_tokens=t).square().mean()
@@ -307,6 +332,28 @@ def test_fusers_refuse_empty_features(fuser) -> None:
         fuser(IdentityFeatures())
 
 
+def test_fusers_are_built_from_the_declared_spec() -> None:
+    feats = _features()
+    spec = FeatureSpec({"v0": 8, "v1": 6}, {"t0": 16, "t1": 16, "t2": 16}, source="model/local_encoder=test")
+    spec.check(feats)
+    perceiver = PerceiverFuser(vit_dim=16, layers_per_scale=1, dim_head=8, heads=2, num_queries=Q, output_dim=KV,
+                               spec=spec)  # fmt: skip
+    assert (perceiver.id_dim, perceiver.token_dims) == (14, [16, 16, 16])
+    assert perceiver(feats).shape == (B, Q, KV)
+    assert MLPFuser(output_dim=KV, num_tokens=3, pool_tokens=True, spec=spec)(feats).shape == (B, 3, KV)
+    concat = ConcatFuser(output_dim=KV, spec=spec)
+    assert concat.vector_dims == [8, 6] and concat(feats).shape == (B, 2 + 5 + 7 + 3, KV)
+    vectors_only = FeatureSpec({"arcface": 8}, source="model/local_encoder=arcface (arcface_layer=last)")
+    with pytest.raises(ValueError, match=r"perceiver needs token maps.*arcface_layer=last.*\['arcface'\].*mlp"):
+        PerceiverFuser(vit_dim=16, spec=vectors_only)
+    with pytest.raises(ValueError, match="id_dim=20 disagrees.*declares 14"):
+        MLPFuser(id_dim=20, output_dim=KV, spec=spec)
+    with pytest.raises(ValueError, match="declares no features"):
+        MLPFuser(output_dim=KV, spec=FeatureSpec(source="model/local_encoder=none"))
+    with pytest.raises(ValueError, match=r"token maps \{'t0': 16\}.*not what model/local_encoder=test declares"):
+        spec.check(IdentityFeatures(vectors=dict(feats.vectors), tokens={"t0": feats.tokens["t0"]}))
+
+
 def test_denoiser_composes_fuser_and_injector() -> None:
     backbone = _backbone()
     backbone.set_injector(_injector(backbone, "between_attn_ffn"))
@@ -314,14 +361,18 @@ def test_denoiser_composes_fuser_and_injector() -> None:
         id_dim=14, vit_dim=16, depth=3, dim_head=8, heads=2, num_id_token=2, num_queries=Q, output_dim=KV,
         token_dims=[16, 16, 16],
     )  # fmt: skip
-    model = ConsisIDDenoiser(backbone, fuser).eval()
+    model = IdentityDenoiser(None, None, None, None, None, fuser, backbone).eval()
     x = _inputs()
-    rot = model.rotary_embedding(F, H, W)
     feats = _features()
+
+    def run(identity):
+        cond = Conditions(text=x["encoder_hidden_states"], identity_tokens=model.identity_tokens(identity))
+        return model(x["hidden_states"], x["timestep"], cond)
+
     with torch.no_grad():
-        a = model.denoise(**x, image_rotary_emb=rot, identity=feats)
-        b = model.denoise(**x, image_rotary_emb=rot, identity=feats.index(torch.tensor([1, 0])))  # swap identities
-        none = model.denoise(**x, image_rotary_emb=rot, identity=None)
+        a = run(feats)
+        b = run(feats.index(torch.tensor([1, 0])))  # swap identities
+        none = run(None)
     assert a.shape == (B, F, C_OUT, H, W)
     assert (a - b).abs().max() > 1e-3
     torch.testing.assert_close(none, _run(backbone, None, x), atol=0, rtol=0)

@@ -235,7 +235,7 @@ def test_real_local_encoder_one_face_for_both_halves(arcface_dir, tiny_clip, tmp
         RealFaceLocalEncoder()
     torch.manual_seed(0)
     enc = RealFaceLocalEncoder(
-        arcface_dir=str(arcface_dir), arcface_layer="penultimate", onnx_cache_dir=str(tmp_path),
+        arcface_dir=str(arcface_dir), arcface_layer="both", onnx_cache_dir=str(tmp_path),
         clip_model_name=tiny_clip, clip_random_init=True, clip_blocks=(1, 2),
     )  # fmt: skip
     assert enc.vector_dims == {"arcface": 512, "clip": 8}

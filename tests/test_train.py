@@ -70,20 +70,23 @@ def test_composition_matches_experiment(train_cfg):
     from consisid_lab.utils.instantiate import instantiate
 
     consisid = instantiate(train_cfg("+experiment=consisid").model)
-    assert isinstance(consisid.backbone.injector, CrossAttentionInjector)
-    assert consisid.backbone.injector.position == "after_block" and consisid.backbone.injector.interval == 2
-    assert not consisid.global_encoder.use_kps
-    assert set(consisid.local_encoder.vector_dims) == {"arcface", "clip"}
-    assert "arcface_penultimate" not in consisid.local_encoder.token_dims
+    assert isinstance(consisid.denoiser.backbone.injector, CrossAttentionInjector)
+    assert (
+        consisid.denoiser.backbone.injector.position == "after_block"
+        and consisid.denoiser.backbone.injector.interval == 2
+    )
+    assert not consisid.denoiser.global_encoder.use_kps
+    assert set(consisid.denoiser.local_encoder.vector_dims) == {"arcface", "clip"}
+    assert "arcface_penultimate" not in consisid.denoiser.local_encoder.token_dims
     full = instantiate(train_cfg("+experiment=full").model)
-    assert full.backbone.injector.position == "between_attn_ffn" and full.global_encoder.use_kps
-    assert "arcface_penultimate" in full.local_encoder.token_dims
+    assert full.denoiser.backbone.injector.position == "between_attn_ffn" and full.denoiser.global_encoder.use_kps
+    assert "arcface_penultimate" in full.denoiser.local_encoder.token_dims
     # in_channels follow the global encoder: latent + face latent channels, or latent only without it.
-    assert full.backbone.in_channels == 2 * full.vae.latent_channels
+    assert full.denoiser.backbone.in_channels == 2 * full.denoiser.vae.latent_channels
     no_global = instantiate(train_cfg("+experiment=no_global").model)
-    assert no_global.backbone.in_channels == no_global.vae.latent_channels
+    assert no_global.denoiser.backbone.in_channels == no_global.denoiser.vae.latent_channels
     no_local = instantiate(train_cfg("+experiment=no_local").model)
-    assert isinstance(no_local.backbone.injector, NoInjector) and no_local.fuser is None
+    assert isinstance(no_local.denoiser.backbone.injector, NoInjector) and no_local.denoiser.fuser is None
 
 
 def test_unknown_choice_lists_the_options(train_cfg):
@@ -187,7 +190,7 @@ def test_coarse_to_fine_trains_the_local_route_only_in_the_fine_stage(train_cfg)
     from consisid_lab.utils.instantiate import instantiate
 
     def injector_out(model) -> float:
-        return sum(layer.to_out.weight.abs().sum().item() for layer in model.backbone.injector.layers)
+        return sum(layer.to_out.weight.abs().sum().item() for layer in model.denoiser.backbone.injector.layers)
 
     coarse = train_cfg(
         "+experiment=coarse_to_fine", "trainer.max_steps=1", "test=false", "model.stages.0.until=5",
@@ -197,12 +200,12 @@ def test_coarse_to_fine_trains_the_local_route_only_in_the_fine_stage(train_cfg)
     seen_frames = []
     original = model.compute_loss
     model.compute_loss = lambda batch: (seen_frames.append(batch.video.shape[1]), original(batch))[1]
-    block_before = model.backbone.transformer.transformer_blocks[0].ff.net[2].weight.detach().clone()
+    block_before = model.denoiser.backbone.transformer.transformer_blocks[0].ff.net[2].weight.detach().clone()
     trainer = instantiate(coarse.trainer, logger=False, callbacks=[])
     trainer.fit(model, datamodule=instantiate(coarse.data))
     assert injector_out(model) == 0.0, "the zero-initialised injector stays frozen in the coarse stage"
     assert seen_frames == [5], "the coarse stage trains on its shorter clips"
-    assert not torch.equal(block_before, model.backbone.transformer.transformer_blocks[0].ff.net[2].weight)
+    assert not torch.equal(block_before, model.denoiser.backbone.transformer.transformer_blocks[0].ff.net[2].weight)
 
     # until <= 1 is a fraction of max_steps: round(0.34 * 3) = step 1 starts the fine stage.
     fine = train_cfg("+experiment=coarse_to_fine", "trainer.max_steps=3", "test=false", "model.stages.0.until=0.34")
@@ -218,12 +221,12 @@ def test_lora_and_identity_only_train_the_declared_sets(train_cfg):
     from consisid_lab.utils.instantiate import instantiate
 
     lora = instantiate(train_cfg("+experiment=lora").model)
-    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in lora.denoiser.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in trainable)
     assert all("lora_" in n or n.startswith(("fuser.", "backbone.injector.", "text_encoder.")) for n in trainable), (
         trainable
     )
     ident = instantiate(train_cfg("+experiment=identity_only").model)
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("backbone.") else "")
-                 for n, p in ident.named_parameters() if p.requires_grad}  # fmt: skip
+                 for n, p in ident.denoiser.named_parameters() if p.requires_grad}  # fmt: skip
     assert trainable == {"fuser", "backbone.injector"}

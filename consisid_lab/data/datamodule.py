@@ -257,10 +257,19 @@ class SyntheticDataModule(L.LightningDataModule):
         global step left off: a run resumed from a checkpoint sees the batches the uninterrupted run saw."""
         ds = self.dataset("train")
         trainer = getattr(self, "trainer", None)
-        start = 0
+        start, rank, world = 0, 0, 1
         if trainer is not None:
-            start = trainer.global_step * self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-        return self._loader("train", ResumableSampler(len(ds), seed=self.seed, start=start))
+            rank, world = int(trainer.global_rank), int(trainer.world_size)
+            start = trainer.global_step * self.batch_size * trainer.accumulate_grad_batches * world
+            connector = getattr(trainer, "_accelerator_connector", None)
+            if world > 1 and connector is not None and connector.use_distributed_sampler:
+                raise ValueError(
+                    "the training sampler shards itself across processes, but trainer.use_distributed_sampler "
+                    "is true (Lightning would wrap it and list its 10^9 positions); set "
+                    "trainer.use_distributed_sampler=false (conf/trainer/default.yaml does)"
+                )
+        sampler = ResumableSampler(len(ds), seed=self.seed, start=start, rank=rank, num_replicas=world)
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

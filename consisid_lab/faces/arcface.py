@@ -5,10 +5,11 @@ A model directory is an insightface model pack: ``antelopev2`` (``glintr100.onnx
 Other packs work when they hold one recognition model (insightface's router sees an ``ArcFaceONNX``: square input of
 112) and optionally one detector (several outputs).
 
-``layer="penultimate"`` is the paper's choice (the layer before the embedding keeps spatial information); the
-released code uses ``last``. Both come from the same ONNX graph: the map is the input of the head's final
-Flatten/Reshape, found by walking the graph back from the embedding output (never by a node name of one file),
-added as a second graph output and saved once to a cache keyed by the file's hash.
+``layer="penultimate"`` is the paper's choice (the layer before the embedding keeps spatial information, given
+instead of the embedding); the released code uses ``last``; ``both`` gives the two. Both come from the same ONNX
+graph: the map is the input of the head's final Flatten/Reshape, found by walking the graph back from the embedding
+output (never by a node name of one file), added as a second graph output and saved once to a cache keyed by the
+file's hash.
 
 The embedding is returned as the network emits it (not L2-normalised), like insightface's ``Face.embedding`` that
 the released code feeds to its fuser.
@@ -35,6 +36,7 @@ from consisid_lab.faces.analysis import (
     select_face,
     to_rgb_uint8,
 )
+from consisid_lab.models.local_encoder import arcface_outputs
 from consisid_lab.types import IdentityFeatures
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ DETECTOR_INPUT_SIZE = (640, 640)
 VECTOR_KEY = "arcface"
 TOKENS_KEY = "arcface_penultimate"
 
-ArcFaceLayer = Literal["last", "penultimate"]
+ArcFaceLayer = Literal["last", "penultimate", "both"]
 
 
 def _expected_files() -> str:
@@ -161,8 +163,7 @@ class InsightFaceArcFace:
         face_policy: FacePolicy = "largest",
         mesh_agreement: float | None = None,
     ) -> None:
-        if layer not in ("last", "penultimate"):
-            raise ValueError(f"arcface layer must be 'last' or 'penultimate', got {layer!r}")
+        self._embedding, self._map = arcface_outputs(layer)
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(
@@ -185,7 +186,7 @@ class InsightFaceArcFace:
             self.det.prepare(ctx_id=-1 if cpu_only else 0, input_size=DETECTOR_INPUT_SIZE)
         self._analyzer: FaceAnalyzer | None = None
         self._session = None
-        if layer == "penultimate":
+        if self._map:
             import onnxruntime as ort
 
             path = penultimate_graph(self.rec_path, cache_dir)
@@ -290,7 +291,7 @@ class InsightFaceArcFace:
 
     def features(self, aligned: np.ndarray) -> IdentityFeatures:
         emb, fmap = self.embed_aligned(aligned)
-        feats = IdentityFeatures(vectors={VECTOR_KEY: torch.from_numpy(emb)})
+        feats = IdentityFeatures(vectors={VECTOR_KEY: torch.from_numpy(emb)} if self._embedding else {})
         if fmap is not None:
             b, c, h, w = fmap.shape
             feats.tokens[TOKENS_KEY] = torch.from_numpy(fmap.reshape(b, c, h * w).transpose(0, 2, 1).copy())
@@ -300,8 +301,8 @@ class InsightFaceArcFace:
         """Features of face images ``(B, 3, H, W)`` in [-1, 1] with their ArcFace keypoints ``(B, 5, 2)``.
 
         Without ``kps`` each image is searched for a face (:class:`NoFaceError` when there is none).
-        Returns vectors ``arcface`` ``(B, 512)`` and, for ``penultimate``, tokens ``arcface_penultimate``
-        ``(B, h*w, C)``.
+        Returns the vector ``arcface`` ``(B, 512)`` (``last``, ``both``) and the tokens ``arcface_penultimate``
+        ``(B, h*w, C)`` (``penultimate``, ``both``).
         """
         images = [to_rgb_uint8(f) for f in faces]
         if kps is None:

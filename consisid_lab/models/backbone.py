@@ -9,6 +9,7 @@ tuple ``(video_tokens, text_tokens)``), including blocks with an injection insid
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -85,6 +86,12 @@ def pool_text(text: Tensor) -> Tensor:
     an empty caption pools to zeros."""
     valid = (text.abs().amax(dim=-1) > 0).to(text.dtype).unsqueeze(-1)  # (B, L, 1)
     return (text * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+
+# The injection sites, declared once: the injector is checked against them, the block call (plain or
+# checkpointed) passes the in-block ones to InjectableBlock by these keyword names, the tests iterate them.
+AFTER_BLOCK = "after_block"  # on the residual stream after the whole block
+IN_BLOCK_SITES = ("between_attn_ffn", "attn_input")  # InjectableBlock.forward keywords
+INJECTION_SITES = (AFTER_BLOCK, *IN_BLOCK_SITES)
 
 
 class InjectableBlock(CogVideoXBlock):
@@ -171,7 +178,13 @@ class VideoDiT(nn.Module):
             SD3 / Flux feed pooled text to their adaptive norms). Not part of CogVideoX / ConsisID: off for the
             published presets; the embedded benchmark's from-scratch DiT needs it to follow captions in minutes.
         config: further ``CogVideoXTransformer3DModel`` arguments overriding the preset.
+        pretrained: a CogVideoX diffusers transformer (a checkpoint root with ``transformer/``, or that folder)
+            whose weights the DiT starts from, strictly (see :mod:`consisid_lab.models.pretrained`); the DiT is
+            built on the meta device first, so no random weights are made.
     """
+
+    frozen: bool = False  # declared: a frozen backbone is asked for with trainable selectors, not here
+    injection_sites: tuple[str, ...] = INJECTION_SITES
 
     def __init__(
         self,
@@ -184,6 +197,7 @@ class VideoDiT(nn.Module):
         config: dict[str, Any] | None = None,
         init: str = "default",
         pooled_text: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if init not in INITS:
@@ -196,7 +210,8 @@ class VideoDiT(nn.Module):
                 cfg[key] = int(value)
         if cfg.get("patch_size_t") is not None:
             raise ValueError("patch_size_t (CogVideoX 1.5 temporal patches) is not supported; set it to null")
-        self.transformer = CogVideoXTransformer3DModel(**cfg)
+        with torch.device("meta") if pretrained else contextlib.nullcontext():
+            self.transformer = CogVideoXTransformer3DModel(**cfg)
         self._use_injectable_blocks()
         if init == "adaln_zero":
             self._zero_modulation()
@@ -208,6 +223,10 @@ class VideoDiT(nn.Module):
             self.pooled_text_proj = nn.Linear(c.text_embed_dim, c.time_embed_dim)
             nn.init.zeros_(self.pooled_text_proj.weight)
             nn.init.zeros_(self.pooled_text_proj.bias)
+        if pretrained:
+            from consisid_lab.models.pretrained import load_cogvideox_backbone
+
+            load_cogvideox_backbone(self.transformer, pretrained)
         self.injector: Injector = NoInjector()
         self.set_injector(injector)
         self.gradient_checkpointing = gradient_checkpointing
@@ -266,8 +285,22 @@ class VideoDiT(nn.Module):
         return [f"{prefix}transformer.transformer_blocks.{i}" for i in range(self.num_layers)]
 
     def set_injector(self, injector: Injector | None) -> None:
-        """Attach (as an owned submodule) or detach (``None``) the identity injector."""
-        self.injector = injector if injector is not None else NoInjector()
+        """Attach (as an owned submodule) or detach (``None``) the identity injector, checked against the
+        declared :attr:`injection_sites` and the block count."""
+        injector = injector if injector is not None else NoInjector()
+        unknown = [p for p in injector.positions if p not in self.injection_sites]
+        if unknown:
+            raise ValueError(
+                f"model/injector uses position(s) {unknown}, which the backbone does not have; set "
+                f"model.injector.position to one of {list(self.injection_sites)}"
+            )
+        layers = injector.num_layers
+        if layers is not None and layers != self.num_layers:
+            raise ValueError(
+                f"model/injector was built for {layers} blocks but the backbone has {self.num_layers}; build it "
+                "with num_layers=backbone.num_layers (the composition does)"
+            )
+        self.injector = injector
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -332,20 +365,17 @@ class VideoDiT(nn.Module):
 
         inj = self.injector if identity_tokens is not None else None
         for i, block in enumerate(t.transformer_blocks):
-            attn_input = between = None
-            if inj is not None and inj.has(i, "attn_input"):
-                attn_input = partial(inj, i, identity_tokens=identity_tokens)
-            if inj is not None and inj.has(i, "between_attn_ffn"):
-                between = partial(inj, i, identity_tokens=identity_tokens)
+            # The in-block sites as InjectableBlock keywords (None: no injection there), the same for the plain
+            # and the checkpointed call.
+            sites = {
+                s: partial(inj, i, identity_tokens=identity_tokens) if inj is not None and inj.has(i, s) else None
+                for s in IN_BLOCK_SITES
+            }
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(
-                    block, video, text, emb, image_rotary_emb, None, attn_input, between, use_reentrant=False
-                )
+                video, text = checkpoint(block, video, text, emb, image_rotary_emb, use_reentrant=False, **sites)
             else:
-                video, text = block(
-                    video, text, emb, image_rotary_emb, attn_input=attn_input, between_attn_ffn=between
-                )
-            if inj is not None and inj.has(i, "after_block"):
+                video, text = block(video, text, emb, image_rotary_emb, **sites)
+            if inj is not None and inj.has(i, AFTER_BLOCK):
                 video = video + inj(i, video, identity_tokens)
 
         # LayerNorm is per token, so normalising the video tokens alone equals normalising [text; video].

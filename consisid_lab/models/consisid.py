@@ -1,15 +1,18 @@
-"""The composed denoiser (backbone + fuser + injector) and its exact correspondence with diffusers'
+"""The exact correspondence between our :class:`~consisid_lab.models.denoiser.IdentityDenoiser` and diffusers'
 ``ConsisIDTransformer3DModel``.
 
-``from_diffusers(transformer)`` builds our composition from the diffusers model's config and loads its weights
-through an explicit key map (``diffusers_to_ours``), strictly; ``to_diffusers_state_dict(model)`` goes back.
+``build_from_config(config)`` builds the denoiser for a ConsisID config; ``from_diffusers(transformer)`` loads a
+diffusers model's weights into it through an explicit key map (``diffusers_to_ours``), strictly;
+``consisid_config(denoiser)`` expresses one of our compositions as a ConsisID config (or names the component that
+ConsisID cannot express) and ``to_diffusers_state_dict(denoiser)`` gives its weights under ConsisID's keys.
 In ConsisID the identity cross-attention follows every ``i % cross_attn_interval == 0`` whole block, i.e. our
-``after_block`` position, scaled by ``local_face_scale``.
+``after_block`` position, scaled by ``local_face_scale``. Components outside the transformer (codec, text
+encoder, face encoders) are not part of this map.
 
 Key correspondence (``{i}``, ``{n}``: indices; ``{p}``: ``weight`` / ``bias``):
 
 ==================================================  ==================================================
-diffusers ``ConsisIDTransformer3DModel``            ours ``ConsisIDDenoiser``
+diffusers ``ConsisIDTransformer3DModel``            ours ``IdentityDenoiser``
 ==================================================  ==================================================
 ``patch_embed.*``, ``time_embedding.*``,             ``backbone.transformer.<same>``
 ``transformer_blocks.*``, ``norm_final.*``,
@@ -31,15 +34,15 @@ diffusers ``ConsisIDTransformer3DModel``            ours ``ConsisIDDenoiser``
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from consisid_lab.models.backbone import VideoDiT
-from consisid_lab.models.fuser import Fuser, PerceiverFuser
-from consisid_lab.models.injector import CrossAttentionInjector, Injector
+from consisid_lab.models.fuser import PerceiverFuser
+from consisid_lab.models.injector import CrossAttentionInjector, NoInjector
 from consisid_lab.types import IdentityFeatures
 
 # Backbone arguments that ConsisID's config shares with CogVideoXTransformer3DModel.
@@ -118,83 +121,30 @@ def _map_key(key: str, rules: tuple[tuple[re.Pattern[str], str], ...], direction
 
 
 def diffusers_to_ours(key: str) -> str:
-    """A ``ConsisIDTransformer3DModel`` state-dict key -> the ``ConsisIDDenoiser`` key (KeyError if unmapped)."""
+    """A ``ConsisIDTransformer3DModel`` state-dict key -> the ``IdentityDenoiser`` key (KeyError if unmapped)."""
     return _map_key(key, _FORWARD, "diffusers->ours")
 
 
 def ours_to_diffusers(key: str) -> str:
-    """A ``ConsisIDDenoiser`` state-dict key -> the ``ConsisIDTransformer3DModel`` key (KeyError if unmapped)."""
+    """An ``IdentityDenoiser`` state-dict key -> the ``ConsisIDTransformer3DModel`` key (KeyError if unmapped)."""
     return _map_key(key, _BACKWARD, "ours->diffusers")
 
 
-class ConsisIDDenoiser(nn.Module):
-    """Backbone + fuser (+ the injector the backbone owns), called like ``ConsisIDTransformer3DModel``.
+def build_from_config(config: Mapping[str, Any], vae: nn.Module | None = None, text_encoder: nn.Module | None = None):
+    """The denoiser for a ``ConsisIDTransformer3DModel`` config (random weights; see ``from_diffusers``).
 
-    ``forward(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, id_cond, id_vit_hidden)``
-    takes ConsisID's identity inputs (``id_cond (B, 1280)`` = ArcFace 512 + CLIP 768, ``id_vit_hidden``: the
-    ``num_scale`` CLIP hidden states ``(B, 577, 1024)``) and returns the prediction tensor ``(B, F, C_out, h,
-    w)``; ``denoise(..., identity=IdentityFeatures)`` is the same with any local encoder's features.
+    The identity features are the released pipeline's (``id_cond``, CLIP hidden states ``vit_{k}``), computed
+    outside the model; the global route is the face latent (plus the keypoint latent for ``is_kps``). ``vae`` /
+    ``text_encoder``: the directory's other components, when they are loaded too.
     """
+    from consisid_lab.models.denoiser import IdentityDenoiser
+    from consisid_lab.models.global_encoder import FaceLatentEncoder
+    from consisid_lab.models.local_encoder import PrecomputedFeatures
 
-    def __init__(self, backbone: VideoDiT, fuser: Fuser | None = None, is_kps: bool = False) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.fuser = fuser
-        # ConsisID's is_kps: the global route also carries a keypoint-image latent (at latent frame 1).
-        self.is_kps = is_kps
-
-    @property
-    def injector(self) -> Injector:
-        return self.backbone.injector
-
-    def rotary_embedding(
-        self, num_frames: int, height: int, width: int, device: torch.device | str | None = None
-    ) -> tuple[Tensor, Tensor] | None:
-        return self.backbone.rotary_embedding(num_frames, height, width, device)
-
-    def identity_tokens(self, identity: IdentityFeatures | None) -> Tensor | None:
-        """``IdentityFeatures`` -> ``(B, Q, D_kv)``, or ``None`` when there is no fuser or no identity."""
-        if identity is None or self.fuser is None:
-            return None
-        return self.fuser(identity)
-
-    def denoise(
-        self,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor,
-        timestep: Tensor,
-        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-        identity: IdentityFeatures | None = None,
-    ) -> Tensor:
-        """``hidden_states (B, F, C_in, h, w)`` -> ``(B, F, C_out, h, w)``."""
-        tokens = self.identity_tokens(identity)  # (B, Q, D_kv) | None
-        return self.backbone(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, identity_tokens=tokens)
-
-    def forward(
-        self,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor,
-        timestep: Tensor,
-        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-        id_cond: Tensor | None = None,
-        id_vit_hidden: list[Tensor] | None = None,
-    ) -> Tensor:
-        identity = None
-        if id_cond is not None or id_vit_hidden:
-            # ConsisID casts the identity inputs to the latent's device and dtype before fusing.
-            like = {"device": hidden_states.device, "dtype": hidden_states.dtype}
-            identity = IdentityFeatures(
-                vectors={"id_cond": id_cond.to(**like)} if id_cond is not None else {},
-                tokens={f"vit_{k}": t.to(**like) for k, t in enumerate(id_vit_hidden or [])},
-            )
-        return self.denoise(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, identity)
-
-
-def build_from_config(config: dict[str, Any]) -> ConsisIDDenoiser:
-    """Our composition for a ``ConsisIDTransformer3DModel`` config (random weights; see ``from_diffusers``)."""
     cfg = dict(config)
     backbone = VideoDiT(config={k: cfg[k] for k in _BACKBONE_KEYS if k in cfg})
     fuser = None
+    local = None
     if cfg.get("is_train_face", False):
         inner = backbone.inner_dim
         num_layers, interval = cfg["num_layers"], cfg["cross_attn_interval"]
@@ -228,10 +178,63 @@ def build_from_config(config: dict[str, Any]) -> ConsisIDDenoiser:
             zero_init=False,
         )
         backbone.set_injector(injector)
-    return ConsisIDDenoiser(backbone, fuser, is_kps=bool(cfg.get("is_kps", False)))
+        local = PrecomputedFeatures(
+            vector_dims={"id_cond": cfg["LFE_id_dim"]},
+            token_dims={f"vit_{k}": cfg["LFE_vit_dim"] for k in range(cfg["LFE_num_scale"])},
+        )
+    return IdentityDenoiser(
+        vae=vae,
+        text_encoder=text_encoder,
+        keypoint_renderer=None,
+        global_encoder=FaceLatentEncoder(use_kps=bool(cfg.get("is_kps", False))),
+        local_encoder=local,
+        fuser=fuser,
+        backbone=backbone,
+    )
 
 
-def from_diffusers(transformer: nn.Module, key_map: Callable[[str], str] = diffusers_to_ours) -> ConsisIDDenoiser:
+def consisid_features(id_cond: Tensor | None, id_vit_hidden: Sequence[Tensor] | None) -> IdentityFeatures | None:
+    """ConsisID's identity inputs (``id_cond (B, LFE_id_dim)``, ``LFE_num_scale`` maps ``(B, N, LFE_vit_dim)``) as
+    the features :func:`build_from_config`'s fuser was built for."""
+    if id_cond is None and not id_vit_hidden:
+        return None
+    return IdentityFeatures(
+        vectors={"id_cond": id_cond} if id_cond is not None else {},
+        tokens={f"vit_{k}": t for k, t in enumerate(id_vit_hidden or [])},
+    )
+
+
+def consisid_forward(
+    model,
+    hidden_states: Tensor,
+    encoder_hidden_states: Tensor,
+    timestep: Tensor,
+    id_cond: Tensor | None = None,
+    id_vit_hidden: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """``ConsisIDTransformer3DModel``'s call convention on our denoiser: ``hidden_states (B, f, C + C_g, h, w)``
+    holds the noisy latent and the image latents side by side on the channel axis; returns ``(B, f, C, h, w)``.
+
+    The rotary embedding is the denoiser's own (the one the ConsisID pipeline builds for this latent size).
+    """
+    from consisid_lab.models.denoiser import Conditions
+
+    c = model.backbone.out_channels
+    # ConsisID casts the identity inputs to the latent's device and dtype before fusing.
+    like = {"device": hidden_states.device, "dtype": hidden_states.dtype}
+    features = consisid_features(
+        id_cond.to(**like) if id_cond is not None else None, [t.to(**like) for t in id_vit_hidden or []]
+    )
+    g = hidden_states[:, :, c:]
+    cond = Conditions(
+        text=encoder_hidden_states,
+        global_latent=g if g.shape[2] else None,
+        identity_tokens=model.identity_tokens(features),
+    )
+    return model(hidden_states[:, :, :c], timestep, cond)
+
+
+def from_diffusers(transformer: nn.Module, key_map: Callable[[str], str] = diffusers_to_ours):
     """Our composition with ``transformer``'s weights (a diffusers ``ConsisIDTransformer3DModel``).
 
     Built on the meta device and loaded with ``strict=True, assign=True``: no key may be missing or left over,
@@ -257,14 +260,90 @@ def from_diffusers(transformer: nn.Module, key_map: Callable[[str], str] = diffu
     return model
 
 
-def to_diffusers_state_dict(model: ConsisIDDenoiser) -> dict[str, Tensor]:
-    """``model``'s weights under ``ConsisIDTransformer3DModel`` keys (loads there with ``strict=True``)."""
-    fuser = model.fuser
-    if fuser is not None and not isinstance(fuser, PerceiverFuser):
-        raise ValueError(
-            f"only the perceiver fuser has a ConsisID counterpart, got {type(fuser).__name__}; "
-            "use model/fuser=perceiver to export"
+class NotExpressibleError(ValueError):
+    """A composition that diffusers' ConsisID cannot express (the message names the component)."""
+
+
+def consisid_config(model) -> dict[str, Any]:
+    """``model``'s transformer (backbone, injector, fuser) as a ``ConsisIDTransformer3DModel`` config.
+
+    Raises :class:`NotExpressibleError` naming the component ConsisID has no counterpart for.
+    """
+    backbone, fuser, injector = model.backbone, model.fuser, model.backbone.injector
+    cfg = {k: v for k, v in backbone.config.items() if k in _BACKBONE_KEYS}
+    inner = backbone.inner_dim
+    if getattr(backbone, "pooled_text_proj", None) is not None:
+        raise NotExpressibleError(
+            "model.backbone.pooled_text=true adds a pooled-caption route to the time embedding that ConsisID does "
+            "not have; train with model.backbone.pooled_text=false to export"
         )
-    if isinstance(fuser, PerceiverFuser) and len(fuser.input_proj):
-        raise ValueError("the perceiver fuser has token input projections that ConsisID lacks; cannot export")
-    return {ours_to_diffusers(k): v for k, v in model.state_dict().items()}
+    if backbone.in_channels != 2 * backbone.out_channels:
+        raise NotExpressibleError(
+            f"model/global_encoder: ConsisID concatenates one face latent to the noise latent (in_channels = 2 x "
+            f"{backbone.out_channels}), this backbone takes {backbone.in_channels}; use model/global_encoder="
+            "face_latent"
+        )
+    is_kps = model.global_encoder.use_kps
+    cfg.update(is_kps=is_kps, is_train_face=fuser is not None)
+    if fuser is None:
+        if not isinstance(injector, NoInjector):
+            raise NotExpressibleError(
+                f"model/injector: {type(injector).__name__} without a fuser has no ConsisID form"
+            )
+        return cfg
+    if not isinstance(fuser, PerceiverFuser):
+        raise NotExpressibleError(
+            f"model/fuser={getattr(fuser, 'name', type(fuser).__name__)}: ConsisID's local facial extractor is the "
+            "perceiver fuser; use model/fuser=perceiver to export"
+        )
+    if len(fuser.input_proj):
+        raise NotExpressibleError(
+            f"model/fuser=perceiver has input projections for token maps {fuser.token_dims} wider or narrower than "
+            f"vit_dim={fuser.vit_dim}, which ConsisID lacks; set model.fuser.vit_dim to the local encoder's map width"
+        )
+    if not isinstance(injector, CrossAttentionInjector):
+        raise NotExpressibleError(
+            f"model/injector: {type(injector).__name__} has no ConsisID counterpart; use "
+            "model/injector=cross_attention"
+        )
+    if injector.position != "after_block":
+        raise NotExpressibleError(
+            f"model/injector: position={injector.position!r}; ConsisID injects after the whole block only "
+            "(model.injector.position=after_block)"
+        )
+    if backbone.num_layers % injector.interval:
+        raise NotExpressibleError(
+            f"model/injector: interval {injector.interval} does not divide the {backbone.num_layers} blocks; ConsisID "
+            "builds num_layers // interval cross-attentions"
+        )
+    if fuser.output_dim != int(inner / 3 * 2):
+        raise NotExpressibleError(
+            f"model/fuser: output_dim={fuser.output_dim}, but ConsisID fixes the identity-token width at 2/3 of the "
+            f"DiT width {inner} = {int(inner / 3 * 2)}; set model.fuser.output_dim={int(inner / 3 * 2)}"
+        )
+    attn = fuser.layers[0].attn
+    cross = injector.layers[0]
+    cfg.update(
+        cross_attn_interval=injector.interval,
+        cross_attn_dim_head=cross.dim_head,
+        cross_attn_num_heads=cross.heads,
+        LFE_id_dim=fuser.id_dim,
+        LFE_vit_dim=fuser.vit_dim,
+        LFE_depth=fuser.num_scale * fuser.layers_per_scale,
+        LFE_dim_head=attn.dim_head,
+        LFE_num_heads=attn.heads,
+        LFE_num_id_token=fuser.num_id_token,
+        LFE_num_querie=fuser.num_queries,
+        LFE_output_dim=fuser.output_dim,
+        LFE_ff_mult=fuser.layers[0].ff[1].out_features // fuser.vit_dim,
+        LFE_num_scale=fuser.num_scale,
+        local_face_scale=injector.scale,
+    )
+    return cfg
+
+
+def to_diffusers_state_dict(model) -> dict[str, Tensor]:
+    """``model``'s transformer weights under ``ConsisIDTransformer3DModel`` keys (loads there with ``strict=True``);
+    :class:`NotExpressibleError` for a composition ConsisID cannot express."""
+    consisid_config(model)
+    return {ours_to_diffusers(k): v for k, v in model.transformer_state_dict().items()}

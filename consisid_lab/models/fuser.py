@@ -1,8 +1,10 @@
 """Fusers: ``IdentityFeatures`` (named vectors and token maps) -> identity tokens ``(B, Q, D_kv)``.
 
-Every fuser takes its input sizes explicitly (``id_dim`` = the summed width of the feature vectors, in the
-order the local encoder emits them; ``token_dims`` = the width of each token map, in order), so a Hydra yaml
-can declare it and no module is lazy. ``output_dim`` is what the injector uses as its key/value width.
+Every fuser is built from the local encoder's declared :class:`~consisid_lab.types.FeatureSpec` (``spec=``; the
+composition passes it), or from explicit sizes (``id_dim`` = the summed width of the feature vectors, in the order
+the local encoder emits them; ``token_dims`` = the width of each token map, in order), so no module is lazy. A
+fuser refuses a spec it cannot work from (``needs_tokens``) with an error naming the encoder and the fix.
+``output_dim`` is what the injector uses as its key/value width.
 """
 
 from __future__ import annotations
@@ -11,18 +13,52 @@ import torch
 from torch import Tensor, nn
 
 from consisid_lab.models.injector import PerceiverAttention
-from consisid_lab.types import IdentityFeatures
+from consisid_lab.types import FeatureSpec, IdentityFeatures
 
 
 class Fuser(nn.Module):
     """Interface. ``needs_tokens``: the fuser cannot work from vectors alone."""
 
     needs_tokens: bool = False
+    needs_vectors: bool = False
+    frozen: bool = False
     output_dim: int
     name: str = "fuser"
 
     def forward(self, features: IdentityFeatures) -> Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def _from_spec(
+        cls, spec: FeatureSpec | None, id_dim: int | None, token_dims: list[int] | None
+    ) -> tuple[int | None, list[int] | None]:
+        """``(id_dim, token_dims)`` from ``spec`` when given (explicit sizes then must agree or be unset)."""
+        if spec is None:
+            return id_dim, token_dims
+        if spec.is_empty():
+            raise ValueError(
+                f"model/fuser={cls.name}: {spec.source} declares no features; pick a model/local_encoder other "
+                "than none, or drop the local route (model/local_encoder=none builds no fuser)"
+            )
+        if cls.needs_vectors and not spec.vectors:
+            raise ValueError(
+                f"model/fuser={cls.name} needs feature vectors (its ID tokens come from them), but {spec.source} "
+                f"declares only token maps {list(spec.tokens)}; add a vector (model/local_encoder=arcface_clip, "
+                "or arcface_layer=both / last) or pick model/fuser=concat"
+            )
+        if cls.needs_tokens and not spec.has_tokens:
+            raise ValueError(
+                f"model/fuser={cls.name} needs token maps, but {spec.source} declares only vectors "
+                f"{list(spec.vectors)}; pick model/fuser=mlp (or concat), or a local encoder with token maps "
+                "(clip, or arcface_layer=penultimate / both)"
+            )
+        for what, given, declared in (("id_dim", id_dim, spec.id_dim), ("token_dims", token_dims, spec.token_dims)):
+            if given is not None and (list(given) if isinstance(given, (list, tuple)) else given) != declared:
+                raise ValueError(
+                    f"model/fuser={cls.name}: {what}={given} disagrees with {spec.source}, which declares "
+                    f"{declared}; remove model.fuser.{what} (the local encoder's spec sets it)"
+                )
+        return spec.id_dim, spec.token_dims
 
     def _check_not_empty(self, features: IdentityFeatures) -> None:
         if features.is_empty():
@@ -92,11 +128,12 @@ class PerceiverFuser(Fuser):
     """
 
     needs_tokens = True
+    needs_vectors = True
     name = "perceiver"
 
     def __init__(
         self,
-        id_dim: int = 1280,
+        id_dim: int | None = None,
         vit_dim: int = 1024,
         depth: int = 10,
         dim_head: int = 64,
@@ -108,8 +145,12 @@ class PerceiverFuser(Fuser):
         num_scale: int | None = None,
         token_dims: list[int] | int | None = None,
         layers_per_scale: int | None = None,
+        spec: FeatureSpec | None = None,
     ) -> None:
         super().__init__()
+        if spec is not None:
+            id_dim, token_dims = self._from_spec(spec, id_dim, None if isinstance(token_dims, int) else token_dims)
+        id_dim = 1280 if id_dim is None else int(id_dim)  # ConsisID's ArcFace 512 + CLIP 768
         if token_dims is None:
             if num_scale is None:
                 raise ValueError("PerceiverFuser needs num_scale or token_dims (one entry per token map)")
@@ -195,15 +236,19 @@ class MLPFuser(Fuser):
 
     def __init__(
         self,
-        id_dim: int,
+        id_dim: int | None = None,
         output_dim: int = 2048,
         num_tokens: int = 4,
         hidden_dim: int | None = None,
         token_dims: list[int] | None = None,
         pool_tokens: bool = False,
+        spec: FeatureSpec | None = None,
     ) -> None:
         super().__init__()
-        self.id_dim = id_dim
+        id_dim, token_dims = self._from_spec(spec, id_dim, token_dims)
+        if id_dim is None:
+            raise ValueError("fuser 'mlp' needs id_dim (the summed vector width) or spec= (the local encoder's)")
+        self.id_dim = int(id_dim)
         self.pool_tokens = pool_tokens
         self.token_dims = [int(d) for d in (token_dims or [])]
         in_dim = id_dim + (sum(self.token_dims) if pool_tokens else 0)
@@ -254,8 +299,12 @@ class ConcatFuser(Fuser):
         id_dim: int = 0,
         token_dims: list[int] | None = None,
         vector_dims: list[int] | None = None,
+        spec: FeatureSpec | None = None,
     ) -> None:
         super().__init__()
+        if spec is not None:
+            _, token_dims = self._from_spec(spec, None, token_dims)
+            vector_dims = spec.vector_dims
         self.vector_dims = [int(d) for d in vector_dims] if vector_dims else ([int(id_dim)] if id_dim else [])
         self.split_vectors = bool(vector_dims)
         self.token_dims = [int(d) for d in (token_dims or [])]

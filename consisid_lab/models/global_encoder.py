@@ -20,7 +20,13 @@ class GlobalEncoder(nn.Module):
 
     ``channels(codec)`` is C_g (0 when the route is off); ``forward(ref_face (B, 3, H, W) in [-1, 1],
     kps_image (B, 3, H, W) | None, codec, num_latent_frames) -> (B, f, C_g, h, w) | None``.
+
+    ``use_kps`` declares whether ``forward`` reads the rendered keypoint image (the composition renders one only
+    then, and refuses a keypoint renderer that renders none).
     """
+
+    use_kps: bool = False
+    frozen: bool = False
 
     def channels(self, codec: LatentCodec) -> int:
         raise NotImplementedError
@@ -32,7 +38,19 @@ class GlobalEncoder(nn.Module):
 
 
 class NoGlobalEncoder(GlobalEncoder):
-    """No low-frequency route: nothing is concatenated (C_g = 0)."""
+    """No low-frequency route: nothing is concatenated (C_g = 0).
+
+    ``use_kps=false`` is accepted (compositions such as ``+experiment=consisid`` set it on whatever global encoder
+    is chosen); ``true`` is refused: there is no latent to carry a keypoint image.
+    """
+
+    def __init__(self, use_kps: bool = False) -> None:
+        super().__init__()
+        if use_kps:
+            raise ValueError(
+                "model/global_encoder=none has no latent to carry a keypoint image, but use_kps=true is set; "
+                "set model.global_encoder.use_kps=false (or drop it), or pick model/global_encoder=face_latent"
+            )
 
     def channels(self, codec: LatentCodec) -> int:
         return 0

@@ -19,7 +19,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-POSITIONS = ("after_block", "between_attn_ffn", "attn_input")
+
+def _backbone_sites() -> tuple[str, ...]:
+    # The sites are declared by the backbone (consisid_lab.models.backbone.INJECTION_SITES); imported late, the
+    # backbone module imports this one.
+    from consisid_lab.models.backbone import INJECTION_SITES
+
+    return INJECTION_SITES
 
 
 class PerceiverAttention(nn.Module):
@@ -76,7 +82,15 @@ class PerceiverAttention(nn.Module):
 
 
 class Injector(nn.Module):
-    """Interface. ``has`` is cheap and pure; ``forward`` returns the residual to add at that place."""
+    """Interface. ``has`` is cheap and pure; ``forward`` returns the residual to add at that place.
+
+    Declared: ``positions`` (the backbone sites it uses, checked by ``VideoDiT.set_injector``), ``num_layers``
+    (the block count it was built for; ``None``: any), ``frozen``.
+    """
+
+    positions: tuple[str, ...] = ()
+    num_layers: int | None = None
+    frozen: bool = False
 
     def has(self, index: int, position: str) -> bool:
         raise NotImplementedError
@@ -120,10 +134,12 @@ class CrossAttentionInjector(Injector):
         dim_head: int = 128,
         scale: float = 1.0,
         zero_init: bool = True,
+        sites: tuple[str, ...] | list[str] | None = None,
     ) -> None:
         super().__init__()
-        if position not in POSITIONS:
-            raise ValueError(f"injector position {position!r} is unknown; pick one of {list(POSITIONS)}")
+        sites = tuple(sites) if sites is not None else _backbone_sites()
+        if position not in sites:
+            raise ValueError(f"injector position {position!r} is unknown; pick one of {list(sites)}")
         if interval < 1:
             raise ValueError(f"injector interval must be >= 1, got {interval}")
         if num_layers < 1:
@@ -133,6 +149,7 @@ class CrossAttentionInjector(Injector):
         self.num_layers = num_layers
         self.interval = interval
         self.position = position
+        self.positions = (position,)
         self.scale = float(scale)
         self.layers = nn.ModuleList(
             PerceiverAttention(dim, kv_dim, heads=heads, dim_head=dim_head, context_includes_queries=False)

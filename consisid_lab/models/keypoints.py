@@ -41,6 +41,7 @@ class KeypointRenderer(nn.Module):
     """
 
     renders: bool = True
+    frozen: bool = False
 
     def forward(self, image: Tensor, kps: Tensor) -> Tensor | None:
         raise NotImplementedError

@@ -1,45 +1,105 @@
-"""The LightningModule that composes the identity components around a video DiT.
+"""The LightningModule: a thin training loop around the one denoiser.
 
-Data flow of one training step (shapes symbolic):
+:class:`~consisid_lab.models.denoiser.IdentityDenoiser` holds the model (conditioning components, backbone,
+injector); :mod:`consisid_lab.models.objective` the loss (reference choice, dropouts, mask loss) as functions.
+This module adds what a loop needs: which parameters train in which stage, the divergence guard, validation and
+test sampling and metrics, the frequency-analysis contract, checkpoint contents and the optimizer.
 
-    video (B, F, 3, H, W) --vae--> x0 (B, f, C, h, w)
-    reference face --keypoint renderer--> kps image --+
-    reference face ----------------------------------+--global encoder--> g (B, f, C_g, h, w)   (low frequency)
-    reference face --local encoder--> IdentityFeatures --fuser--> id tokens (B, Q, D_kv)       (high frequency)
-    x_t = noise(x0, t);  v = DiT(cat(x_t, g), text, t, id tokens via the injector)
-    loss = |x0_hat(v) - x0|^2 / (1 - alpha_bar_t)   (optionally on the face mask only)
+State-dict keys are the denoiser's under ``denoiser.``; checkpoints written before the denoiser existed (keys
+``backbone.*``, ``fuser.*`` ... at the top level) are migrated on load (:func:`migrate_checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from consisid_lab.models.diffusion import sample_timesteps
+from consisid_lab.models import objective
+from consisid_lab.models.denoiser import COMPONENTS, IdentityDenoiser
 from consisid_lab.models.divergence import DivergenceGuard, all_finite, check_nan_settings, optimised_parameters
-from consisid_lab.models.injector import NoInjector
 from consisid_lab.models.trainable import Stage, apply_lora, lr_multiplier, select_parameters, stage_index
-from consisid_lab.types import IdentityFeatures, VideoBatch
+from consisid_lab.types import VideoBatch
 from consisid_lab.utils.faults import DivergenceError
 from consisid_lab.utils.instantiate import instantiate, to_container
 
 log = logging.getLogger(__name__)
 
-# Top-level modules; the injector lives inside the backbone (``backbone.injector``).
-COMPONENTS = ("vae", "text_encoder", "keypoint_renderer", "global_encoder", "local_encoder", "fuser", "backbone")
-FROZEN_PREFIXES = ("vae.", "local_encoder.")
+DENOISER = "denoiser."
 
 
 class NonFiniteLossError(DivergenceError):
     """Training went non-finite (loss or weights): raised after a checkpoint of the last good state is written,
     at the first failed step with ``nan_policy='stop'``, after ``max_nonfinite_steps`` in a row with ``'skip'``."""
+
+
+def migrate_keys(names: dict[str, Any]) -> dict[str, Any]:
+    """Keys of the layout before the denoiser (``backbone.x`` at the top level) -> ``denoiser.backbone.x``."""
+    return {(DENOISER + k if k.split(".", 1)[0] in COMPONENTS else k): v for k, v in names.items()}
+
+
+def migrate_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """Migrate the state dict and the EMA shadow of an old-layout checkpoint in place; True if anything moved."""
+    state = checkpoint.get("state_dict") or {}
+    if not any(k.split(".", 1)[0] in COMPONENTS for k in state):
+        return False
+    checkpoint["state_dict"] = migrate_keys(state)
+    for key, cb_state in (checkpoint.get("callbacks") or {}).items():
+        if key.startswith("TrainableEMA") and isinstance(cb_state.get("shadow"), dict):
+            cb_state["shadow"] = migrate_keys(cb_state["shadow"])
+    return True
+
+
+LR_SCHEDULES = ("constant", "cosine_with_restarts")
+
+
+def lr_schedule(schedule: str, warmup_steps: int, total_steps: int, num_cycles: int = 1) -> Callable[[int], float]:
+    """The learning-rate factor of optimiser step ``step`` (``LambdaLR``): a linear warm-up over ``warmup_steps``
+    (``(step + 1) / warmup_steps``), then ``constant`` (1) or ``cosine_with_restarts`` (as released): ``num_cycles``
+    cosine decays from 1 to 0 over the remaining ``total_steps - warmup_steps`` steps, each restarting at 1."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"model.optimizer.schedule={schedule!r} is not one of {list(LR_SCHEDULES)}")
+    if num_cycles < 1:
+        raise ValueError(f"model.optimizer.num_cycles={num_cycles} must be >= 1")
+    if schedule != "constant" and total_steps <= warmup_steps:
+        log.warning(
+            "model.optimizer.warmup_steps=%d >= trainer.max_steps=%d: the run ends inside the warm-up and never "
+            "reaches the %s decay",
+            warmup_steps,
+            total_steps,
+            schedule,
+        )
+    span = max(1, total_steps - warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / span
+        if progress >= 1.0:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
+
+    return factor
+
+
+def diff_lr_multipliers(cfg: Mapping[str, Any]) -> dict[str, float]:
+    """The released "diff-lr" (``model.optimizer.diff_lr: true``): the identity cross-attention (``backbone.injector``)
+    at ``diff_lr_identity`` (x10 as released) times the learning rate, every other module at ``diff_lr_rest`` (x0.1).
+    Explicit ``lr_multipliers`` override these."""
+    if not cfg.get("diff_lr", False):
+        return {}
+    identity, rest = float(cfg.get("diff_lr_identity", 10.0)), float(cfg.get("diff_lr_rest", 0.1))
+    return {**dict.fromkeys(COMPONENTS, rest), "backbone.injector": identity}
 
 
 class IdentityVideoModule(pl.LightningModule):
@@ -64,6 +124,7 @@ class IdentityVideoModule(pl.LightningModule):
         metrics: DictConfig | dict | None = None,
         stages: list[dict] | None = None,
         lora: DictConfig | dict | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         # Plain containers only: checkpoints load with weights_only=True and carry their config.
@@ -75,43 +136,32 @@ class IdentityVideoModule(pl.LightningModule):
         self.divergence = DivergenceGuard(nan_policy, max_nonfinite_steps)
         self._streak_batch: VideoBatch | None = None
         self.loss_cfg = dict(to_container(loss))
+        self.loss_settings = objective.LossSettings.parse(self.loss_cfg)
+        self._warned_cached_posterior = False
         self.sampling_cfg = dict(to_container(sampling))
         self.optimizer_cfg = dict(to_container(optimizer))
 
         from consisid_lab.models.diffusion import make_scheduler
 
-        self.vae = instantiate(vae)
-        self.text_encoder = instantiate(text_encoder)
-        self.keypoint_renderer = instantiate(keypoint_renderer)
-        self.global_encoder = instantiate(global_encoder)
-        self.local_encoder = instantiate(local_encoder)
-        self._check_composition()
-
-        self.fuser = None
-        has_local = bool(self.local_encoder.vector_dims or self.local_encoder.token_dims)
-        if has_local:
-            self.fuser = _build_fuser(fuser, self.local_encoder)
-        g_channels = self.global_encoder.channels(self.vae)
-        self.backbone = instantiate(
-            backbone,
-            in_channels=self.vae.latent_channels + g_channels,
-            out_channels=self.vae.latent_channels,
-            text_dim=self.text_encoder.dim,
+        groups = {
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "keypoint_renderer": keypoint_renderer,
+            "global_encoder": global_encoder,
+            "local_encoder": local_encoder,
+            "fuser": fuser,
+            "injector": injector,
+            "backbone": backbone,
+        }
+        self.denoiser = IdentityDenoiser.from_config(
+            **{k: to_container(v) for k, v in groups.items()},
+            gradient_checkpointing=gradient_checkpointing,
+            init_from=init_from,
         )
-        kv_dim = self.fuser.output_dim if self.fuser is not None else 1
-        # The injector is owned by the backbone (``backbone.injector``), which calls it at its declared places.
-        self.backbone.set_injector(
-            instantiate(injector, dim=self.backbone.inner_dim, kv_dim=kv_dim, num_layers=self.backbone.num_layers)
-        )
-        if has_local and isinstance(self.backbone.injector, NoInjector):
-            log.warning("the local encoder's identity tokens are computed but model/injector=none never uses them")
-        self._rotary_cache: dict[tuple, Any] = {}
-        if gradient_checkpointing:
-            self.backbone.enable_gradient_checkpointing()
         self.noise_scheduler = make_scheduler(**dict(to_container(scheduler)))
         if lora:
             lora_cfg = dict(to_container(lora))
-            apply_lora(self.backbone.transformer, **lora_cfg)
+            apply_lora(self.denoiser.backbone.transformer, **lora_cfg)
             log.info("LoRA adapters on the backbone: %s", lora_cfg)
         self.stages = [Stage.parse(dict(to_container(st))) for st in (stages or [])]
         self._current_stage: int | None = None
@@ -127,27 +177,16 @@ class IdentityVideoModule(pl.LightningModule):
         self._analysis_batch: VideoBatch | None = None
         self.run_config: dict[str, Any] | None = None  # the whole run's config, stored in every checkpoint
 
-    # ------------------------------------------------------------------ composition
-    def _check_composition(self) -> None:
-        if getattr(self.global_encoder, "use_kps", False) and not self.keypoint_renderer.renders:
-            raise ValueError(
-                "model/global_encoder has use_kps=true but model/keypoint_renderer=none renders no keypoint "
-                "image; pick model/keypoint_renderer=five_point or set model.global_encoder.use_kps=false"
-            )
-        no_global = self.global_encoder.channels(self.vae) == 0
-        no_local = not (self.local_encoder.vector_dims or self.local_encoder.token_dims)
-        if no_global and no_local:
-            raise ValueError(
-                "model/global_encoder=none and model/local_encoder=none leave no identity route; keep at least one"
-            )
-
+    # ------------------------------------------------------------------ which parameters train
     def _select(self, selectors: list[str]) -> set[str]:
-        picked = select_parameters(self, selectors, COMPONENTS)
-        # Frozen extractors never train, whatever the selectors say.
-        return {n for n in picked if not n.startswith(FROZEN_PREFIXES)}
+        """Denoiser parameter names (``fuser.x``, ``backbone.injector.y``) picked by ``selectors``."""
+        picked = select_parameters(self.denoiser, selectors, COMPONENTS)
+        # Components that declare themselves frozen never train, whatever the selectors say.
+        frozen = tuple(f"{name}." for name in self.denoiser.frozen_components())
+        return {n for n in picked if not n.startswith(frozen)}
 
     def _set_trainable(self, names: set[str]) -> None:
-        for n, p in self.named_parameters():
+        for n, p in self.denoiser.named_parameters():
             p.requires_grad_(n in names)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -178,152 +217,27 @@ class IdentityVideoModule(pl.LightningModule):
         self._current_stage = idx
         self.log("train/stage", float(idx))
 
-    # ------------------------------------------------------------------ conditioning
-    def encode_text(self, captions: list[str]) -> Tensor:
-        return self.text_encoder(captions)  # (B, L, D_text)
-
-    def _batch_text(self, batch: VideoBatch, drop: list[bool]) -> Tensor:
-        """Caption tokens, with dropped captions (classifier-free guidance) replaced by the empty caption.
-
-        Cached tokens (from preprocessing) are used only with a frozen text encoder: a trainable one (the
-        bag-of-words default) would make them stale after the first step.
-        """
-        frozen = not any(p.requires_grad for p in self.text_encoder.parameters())
-        if "text" in batch.cached and frozen:
-            text = batch.cached["text"]
-            if any(drop):
-                empty = self.encode_text([""]).to(text)  # (1, L, D)
-                keep = torch.tensor([not d for d in drop], device=text.device).view(-1, 1, 1)
-                text = torch.where(keep, text, empty)
-            return text
-        return self.encode_text(["" if d else c for d, c in zip(drop, batch.caption)])
-
-    @staticmethod
-    def _cached_features(batch: VideoBatch, use_cross: Tensor) -> IdentityFeatures | None:
-        """Local-encoder features from the preprocessing cache, intra or cross-face reference per sample.
-
-        The cached cross-face features were computed without the training-time noise on the reference.
-        """
-        c = batch.cached
-        vec = sorted(k.split("/", 1)[1] for k in c if k.startswith("id_vec/"))
-        tok = sorted(k.split("/", 1)[1] for k in c if k.startswith("id_tok/"))
-        if not vec and not tok:
-            return None
-
-        def pick(kind: str, name: str) -> Tensor:
-            intra, cross = c[f"id_{kind}/{name}"], c.get(f"ref_id_{kind}/{name}", c[f"id_{kind}/{name}"])
-            return torch.where(use_cross.view(-1, *([1] * (intra.ndim - 1))), cross, intra)
-
-        return IdentityFeatures(vectors={n: pick("vec", n) for n in vec}, tokens={n: pick("tok", n) for n in tok})
-
-    def identity_conditions(
-        self, face: Tensor, kps: Tensor, num_latent_frames: int, feats: IdentityFeatures | None = None
-    ) -> tuple[Tensor | None, Tensor | None, IdentityFeatures | None]:
-        """Global conditioning latent and identity tokens for reference faces ``(B, 3, H, W)``.
-
-        ``feats``: the local encoder's features when already known (read from the preprocessing cache).
-        """
-        kps_image = self.keypoint_renderer(face, kps) if getattr(self.global_encoder, "use_kps", False) else None
-        g = self.global_encoder(face, kps_image, self.vae, num_latent_frames)  # (B, f, C_g, h, w) or None
-        feats = self.local_encoder(face) if feats is None else feats
-        tokens = self.fuser(feats) if self.fuser is not None else None  # (B, Q, D_kv)
-        return g, tokens, feats
-
-    def denoise(self, x_t: Tensor, t: Tensor, text: Tensor, g: Tensor | None, tokens: Tensor | None) -> Tensor:
-        """The model ``f(x_t, t, cond) -> v``; all conditioning already encoded."""
-        inp = x_t if g is None else torch.cat([x_t, g.to(x_t.dtype)], dim=2)  # (B, f, C + C_g, h, w)
-        return self.backbone(inp, text, t, image_rotary_emb=self._rotary(x_t), identity_tokens=tokens)
-
-    def _rotary(self, x: Tensor) -> Any:
-        f, _, h, w = x.shape[1:]
-        key = (f, h, w, x.device)
-        if key not in self._rotary_cache:
-            self._rotary_cache[key] = self.backbone.rotary_embedding(f, h, w, device=x.device)
-        return self._rotary_cache[key]
-
     # ------------------------------------------------------------------ training
     def _latents(self, batch: VideoBatch) -> Tensor:
         if "latents" in batch.cached:
             return batch.cached["latents"]
         with torch.no_grad():
-            return self.vae.encode(batch.video)  # (B, f, C, h, w)
-
-    def _step_generator(self) -> torch.Generator:
-        """All training randomness of a step comes from (seed, global step): a resumed run repeats it exactly."""
-        seed = int(self.loss_cfg.get("seed", 0))
-        return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + int(self.global_step))
-
-    def _choose_reference(self, batch: VideoBatch, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """Dynamic cross-face reference: with probability beta the face comes from outside the clip, plus noise.
-
-        Returns the reference faces ``(B, 3, H, W)``, their keypoints ``(B, 5, 2)`` and the choice ``(B,)``.
-        """
-        beta = float(self.loss_cfg.get("cross_face_prob", 0.5))
-        noise_std = float(self.loss_cfg.get("cross_face_noise", 0.05))
-        b = batch.batch_size
-        use_cross = (torch.rand(b, generator=gen) < beta).to(self.device)  # (B,)
-        sel = use_cross.view(b, 1, 1, 1)
-        face = torch.where(sel, batch.ref_face, batch.intra_face)
-        if noise_std > 0:
-            noise = (torch.randn(face.shape, generator=gen) * noise_std).to(face)
-            face = torch.where(sel, (face + noise).clamp(-1, 1), face)
-        kps = torch.where(use_cross.view(b, 1, 1), batch.ref_kps, batch.intra_kps)
-        return face, kps, use_cross
+            return self.denoiser.vae.encode(batch.video)  # (B, f, C, h, w)
 
     def compute_loss(self, batch: VideoBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        gen = self._step_generator()
-        x0 = self._latents(batch)  # (B, f, C, h, w)
-        b, f = x0.shape[:2]
-        p_text = float(self.loss_cfg.get("text_dropout", 0.1))
-        drop = [r < p_text for r in torch.rand(b, generator=gen).tolist()]
-        text = self._batch_text(batch, drop)
-        face, kps, use_cross = self._choose_reference(batch, gen)
-        g, tokens, _ = self.identity_conditions(face, kps, f, feats=self._cached_features(batch, use_cross))
-        p_id = float(self.loss_cfg.get("identity_dropout", 0.0))
-        keep = (torch.rand(b, generator=gen) >= p_id).to(x0)  # (B,)
-        if p_id > 0:
-            if g is not None:
-                g = g * keep.view(b, 1, 1, 1, 1)
-            if tokens is not None:
-                tokens = tokens * keep.view(b, 1, 1)
-
-        t = sample_timesteps(
-            self.noise_scheduler, b, gen, self.device, float(self.loss_cfg.get("high_noise_bias", 1.0))
-        )
-        noise = torch.randn(x0.shape, generator=gen).to(x0)
-        alpha = float(self.loss_cfg.get("mask_prob", 0.5))
-        use_mask = torch.rand((), generator=gen).item() < alpha
-        mask = self._latent_mask(batch.face_mask, x0.shape) if use_mask else None
-        loss = self._denoising_loss(x0, noise, t, text, g, tokens, mask).mean()
-        parts = {"loss": loss.detach(), "mask_loss_on": torch.tensor(float(use_mask))}
-        return loss, parts
-
-    def _denoising_loss(
-        self,
-        x0: Tensor,
-        noise: Tensor,
-        t: Tensor,
-        text: Tensor,
-        g: Tensor | None,
-        tokens: Tensor | None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        """Per-sample x0-reconstruction loss ``(B,)`` weighted by 1 / (1 - alpha_bar_t) (the v-loss, exactly)."""
-        from consisid_lab.models.diffusion import v_to_x0, weighted_x0_loss
-
-        x_t = self.noise_scheduler.add_noise(x0, noise, t)
-        x0_hat = v_to_x0(self.noise_scheduler, x_t, self.denoise(x_t, t, text, g, tokens), t)
-        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)[t]  # (B,)
-        return weighted_x0_loss(x0_hat, x0, alphas_cumprod, mask=mask, weight_cap=self.loss_cfg.get("weight_cap"))
-
-    def _latent_mask(self, face_mask: Tensor, latent_shape: torch.Size) -> Tensor:
-        """Face mask ``(B, F, 1, H, W)`` -> latent grid ``(B, f, 1, h, w)`` (any pixel of a cell counts)."""
-        b, f, _, h, w = latent_shape
-        m = face_mask.flatten(0, 1).float()  # (B*F, 1, H, W)
-        m = F.adaptive_max_pool2d(m, (h, w)).view(b, -1, 1, h, w)
-        if m.shape[1] != f:  # temporal compression: a latent frame covers several frames
-            m = F.adaptive_max_pool3d(m.transpose(1, 2), (f, h, w)).transpose(1, 2)
-        return m
+        """The objective of one step; all its randomness comes from (seed, global step): exact resume."""
+        settings = self.loss_settings
+        gen = objective.step_generator(settings.seed, self.global_step)
+        with objective.posterior_sampling(self.denoiser.vae, settings, settings.seed, self.global_step) as sampled:
+            if sampled and "latents" in batch.cached and not self._warned_cached_posterior:
+                self._warned_cached_posterior = True
+                log.warning(
+                    "model.loss.sample_posterior=true, but the video latents come from the preprocessing cache (the "
+                    "posterior means): only the reference image's latent is sampled; train without the latent cache "
+                    "to sample the video latents too"
+                )
+            x0 = self._latents(batch)  # (B, f, C, h, w)
+            return objective.training_loss(self.denoiser, self.noise_scheduler, batch, x0, settings, gen)
 
     def _stage_clip(self, batch: VideoBatch) -> VideoBatch:
         """Shorten clips to the current stage's ``num_frames`` (hierarchical training on short clips first)."""
@@ -332,10 +246,11 @@ class IdentityVideoModule(pl.LightningModule):
         n = self.stages[self._current_stage].num_frames
         if n is None or n >= batch.video.shape[1]:
             return batch
-        self.vae.check_size(n, batch.video.shape[3], batch.video.shape[4])
+        codec = self.denoiser.vae
+        codec.check_size(n, batch.video.shape[3], batch.video.shape[4])
         cached = dict(batch.cached)
         if "latents" in cached:
-            cached["latents"] = cached["latents"][:, : self.vae.num_latent_frames(n)]
+            cached["latents"] = cached["latents"][:, : codec.num_latent_frames(n)]
         return replace(
             batch,
             video=batch.video[:, :n],
@@ -437,8 +352,6 @@ class IdentityVideoModule(pl.LightningModule):
     def _last_good_path(self) -> str | None:
         if self.trainer is None or self.trainer.default_root_dir is None:
             return None
-        import os
-
         return os.path.join(self.trainer.default_root_dir, "checkpoints", "last_good.ckpt")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -460,35 +373,27 @@ class IdentityVideoModule(pl.LightningModule):
         guidance_scale: float | None = None,
     ) -> Tensor:
         """Sample videos ``(B, F, 3, H, W)`` in [-1, 1] for the batch's captions and a reference face."""
-        from consisid_lab.models.diffusion import sample
+        from consisid_lab.models.sampling import sample_video
 
-        face = batch.ref_face if face is None else face
-        kps = batch.ref_kps if kps is None else kps
         b, num_frames, _, height, width = batch.video.shape
-        f, c, h, w = self.vae.latent_shape(num_frames, height, width)
-        g, tokens, _ = self.identity_conditions(face, kps, f)
-        text = self.encode_text(list(batch.caption))
-        guidance = float(self.sampling_cfg.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
-        uncond = self.encode_text([""] * b) if guidance != 1.0 else None
-
-        def model_fn(x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
-            return self.denoise(x_t, t, cond["text"], g, tokens)
-
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        latents = sample(
-            model_fn,
-            shape=(b, f, c, h, w),
-            scheduler=self.noise_scheduler,
+        return sample_video(
+            self.denoiser,
+            self.noise_scheduler,
+            face=batch.ref_face if face is None else face,
+            kps=batch.ref_kps if kps is None else kps,
+            captions=list(batch.caption),
+            negative=[""] * b,
+            num_frames=num_frames,
+            height=height,
+            width=width,
             num_steps=int(self.sampling_cfg.get("num_steps", 10) if num_steps is None else num_steps),
-            guidance_scale=guidance,
+            guidance_scale=float(
+                self.sampling_cfg.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+            ),
             use_dynamic_cfg=bool(self.sampling_cfg.get("use_dynamic_cfg", False)),
-            cond={"text": text},
-            uncond={"text": uncond} if uncond is not None else None,
-            generator=generator,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
             device=self.device,
-            dtype=text.dtype,
         )
-        return self.vae.decode(latents).clamp(-1, 1)
 
     def setup(self, stage: str) -> None:
         # Measuring instruments, not model parts: kept out of the state dict (a plain attribute).
@@ -499,17 +404,10 @@ class IdentityVideoModule(pl.LightningModule):
 
     def _eval_step(self, batch: VideoBatch, batch_idx: int, prefix: str) -> None:
         # A deterministic denoising loss at fixed timesteps: comparable across runs and epochs.
-        gen = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
-        x0 = self._latents(batch)
-        text = self.encode_text(list(batch.caption))
-        g, tokens, _ = self.identity_conditions(batch.ref_face, batch.ref_kps, x0.shape[1])
-        losses = []
-        num_t = self.noise_scheduler.config.num_train_timesteps
-        for frac in (0.1, 0.5, 0.9):
-            t = torch.full((x0.shape[0],), int(frac * (num_t - 1)), device=self.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            losses.append(self._denoising_loss(x0, noise, t, text, g, tokens).mean())
-        self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=batch.batch_size, sync_dist=True)
+        loss = objective.fixed_timestep_loss(
+            self.denoiser, self.noise_scheduler, batch, self._latents(batch), seed=1234 + batch_idx
+        )
+        self.log(f"{prefix}/loss", loss, batch_size=batch.batch_size, sync_dist=True)
 
         max_batches = int(self.sampling_cfg.get(f"{prefix}_batches", 1))
         if self.benchmark_metrics is None or batch_idx >= max_batches:
@@ -561,9 +459,10 @@ class IdentityVideoModule(pl.LightningModule):
     @property
     def token_layout(self) -> tuple[int, int, int, int]:
         b = self.analysis_batch()
-        f, _, h, w = self.vae.latent_shape(b.video.shape[1], b.video.shape[3], b.video.shape[4])
-        p = self.backbone.patch_size
-        return (self.text_encoder.max_length, f, h // p, w // p)
+        d = self.denoiser
+        f, _, h, w = d.vae.latent_shape(b.video.shape[1], b.video.shape[3], b.video.shape[4])
+        p = d.backbone.patch_size
+        return (d.text_encoder.max_length, f, h // p, w // p)
 
     @torch.no_grad()
     def denoise_once(self, batch: VideoBatch, timestep: int) -> Tensor:
@@ -572,16 +471,31 @@ class IdentityVideoModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=gen).to(x0)
         t = torch.full((x0.shape[0],), int(timestep), device=self.device, dtype=torch.long)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
-        g, tokens, _ = self.identity_conditions(batch.ref_face, batch.ref_kps, x0.shape[1])
-        return self.denoise(x_t, t, self.encode_text(list(batch.caption)), g, tokens)
+        cond = self.denoiser.conditions(batch.ref_face, batch.ref_kps, list(batch.caption), x0.shape[1])
+        return self.denoiser(x_t, t, cond)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["run_config"] = self.run_config
+        from consisid_lab.utils.checkpoints import machine_cache_dir, portable_config
+
+        # No absolute cache path of this machine in the stored config: written relative to a marker that the
+        # loading machine resolves to its own cache (consisid_lab.utils.checkpoints.localised_config).
+        roots = dict.fromkeys([((self.run_config or {}).get("paths") or {}).get("cache_dir"), machine_cache_dir()])
+        hparams, run_config = dict(checkpoint.get("hyper_parameters") or {}), self.run_config
+        for root in roots:
+            hparams, run_config = portable_config(hparams, root), portable_config(run_config, root)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = hparams
+        checkpoint["run_config"] = run_config
         checkpoint["stability"] = dict(self.stability)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = checkpoint.get("run_config")
+        # Runs before the state dict and the callbacks' states are restored (fit resume and load_from_checkpoint).
+        if migrate_checkpoint(checkpoint):
+            log.info("migrated a checkpoint of the layout before the denoiser (keys now under %r)", DENOISER)
+        from consisid_lab.utils.checkpoints import localised_config
+
+        self.run_config = localised_config(checkpoint.get("run_config"))
         self.stability.update(checkpoint.get("stability") or {})
 
     # ------------------------------------------------------------------ optimisation
@@ -589,10 +503,10 @@ class IdentityVideoModule(pl.LightningModule):
         """AdamW with one parameter group per module prefix (named, so stages can retune their learning rates)."""
         cfg = self.optimizer_cfg
         base_lr = float(cfg.get("lr", 1e-4))
-        multipliers: dict[str, float] = dict(cfg.get("lr_multipliers") or {})
+        multipliers: dict[str, float] = {**diff_lr_multipliers(cfg), **dict(cfg.get("lr_multipliers") or {})}
         prefixes = set(multipliers) | {m for st in self.stages for m in st.lr_multipliers}
         groups: dict[str, list[torch.nn.Parameter]] = {}
-        for name, p in self.named_parameters():
+        for name, p in self.denoiser.named_parameters():
             if name not in self._optimized:
                 continue
             matching = [pre for pre in prefixes if name == pre or name.startswith(pre + ".")]
@@ -612,25 +526,20 @@ class IdentityVideoModule(pl.LightningModule):
             eps=float(cfg.get("eps", 1e-8)),
         )
         warmup = int(cfg.get("warmup_steps", 0))
-        if warmup <= 0:
+        schedule = str(cfg.get("schedule", "constant"))
+        if warmup <= 0 and schedule == "constant":
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        total = self._total_steps() if schedule != "constant" else 0
+        factor = lr_schedule(schedule, warmup, total, int(cfg.get("num_cycles", 1)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-
-def _build_fuser(cfg: DictConfig | dict, local_encoder: Any) -> torch.nn.Module:
-    """The fuser gets its input sizes from what the local encoder declares."""
-    vector_dim = sum(local_encoder.vector_dims.values())
-    token_dims = list(local_encoder.token_dims.values())
-    target = str(cfg.get("_target_", ""))
-    if target.endswith("PerceiverFuser") and not token_dims:
-        raise ValueError(
-            f"model/fuser=perceiver needs token maps from the local encoder, but "
-            f"{type(local_encoder).__name__} gives only vectors {list(local_encoder.vector_dims)}; "
-            "pick model/fuser=mlp or a local encoder with tokens (clip, or arcface_layer=penultimate)"
-        )
-    if target.endswith("ConcatFuser"):
-        return instantiate(
-            cfg, id_dim=vector_dim, token_dims=token_dims, vector_dims=list(local_encoder.vector_dims.values())
-        )
-    return instantiate(cfg, id_dim=vector_dim, token_dims=token_dims)
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        steps = int(trainer.max_steps) if trainer is not None else -1
+        if steps <= 0:
+            raise ValueError(
+                f"model.optimizer.schedule={self.optimizer_cfg.get('schedule')!r} decays over trainer.max_steps, but "
+                f"trainer.max_steps={steps}; set trainer.max_steps, or model.optimizer.schedule=constant"
+            )
+        return steps

@@ -12,25 +12,43 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from consisid_lab.types import IdentityFeatures
+from consisid_lab.types import FeatureSpec, IdentityFeatures
 
 log = logging.getLogger(__name__)
 
-ArcFaceLayer = Literal["last", "penultimate"]
+ArcFaceLayer = Literal["last", "penultimate", "both"]
+ARCFACE_LAYERS = ("last", "penultimate", "both")
+
+
+def arcface_outputs(layer: str) -> tuple[bool, bool]:
+    """``(embedding, spatial map)`` that ``arcface_layer`` asks for: ``last`` the 512-d embedding (the released
+    code), ``penultimate`` the spatial map instead of it (the paper's ablation), ``both`` the two."""
+    if layer not in ARCFACE_LAYERS:
+        raise ValueError(f"arcface_layer must be one of {list(ARCFACE_LAYERS)}, got {layer!r}")
+    return layer in ("last", "both"), layer in ("penultimate", "both")
 
 
 class LocalEncoder(nn.Module):
-    """Interface: frozen feature extractor. ``vector_dims`` / ``token_dims`` declare what ``forward`` returns."""
+    """Interface: frozen feature extractor. ``spec`` (a :class:`FeatureSpec`) declares what ``forward`` returns;
+    fusers are built from it alone."""
 
-    vector_dims: dict[str, int]
-    token_dims: dict[str, int]
+    frozen = True  # declared: trainable selectors never unfreeze it
+    spec: FeatureSpec
 
     def forward(self, face: Tensor) -> IdentityFeatures:  # face: (B, 3, H, W) in [-1, 1]
         raise NotImplementedError
 
     @property
+    def vector_dims(self) -> dict[str, int]:
+        return dict(self.spec.vectors)
+
+    @property
+    def token_dims(self) -> dict[str, int]:
+        return dict(self.spec.tokens)
+
+    @property
     def has_tokens(self) -> bool:
-        return bool(self.token_dims)
+        return self.spec.has_tokens
 
 
 class NoLocalEncoder(LocalEncoder):
@@ -38,19 +56,33 @@ class NoLocalEncoder(LocalEncoder):
 
     def __init__(self) -> None:
         super().__init__()
-        self.vector_dims = {}
-        self.token_dims = {}
+        self.spec = FeatureSpec(source="model/local_encoder=none")
 
     def forward(self, face: Tensor) -> IdentityFeatures:
         return IdentityFeatures()
+
+
+class PrecomputedFeatures(LocalEncoder):
+    """Features computed outside the model (the released pipeline's face preprocessing: ``id_cond`` and the CLIP
+    hidden states ``vit_{k}``), declared here so that the fuser is built for them."""
+
+    def __init__(self, vector_dims: dict[str, int], token_dims: dict[str, int]) -> None:
+        super().__init__()
+        self.spec = FeatureSpec(dict(vector_dims), dict(token_dims), source="the published face encoder")
+
+    def forward(self, face: Tensor) -> IdentityFeatures:
+        raise RuntimeError(
+            f"this model's identity features ({list(self.vector_dims)} + {list(self.token_dims)}) are computed "
+            "outside it (consisid_lab.models.published.PublishedFaceEncoder); pass them as features="
+        )
 
 
 class StandInLocalEncoder(LocalEncoder):
     """ArcFace-loss identity network and/or small CLIP from the stand-in cache (built on first use).
 
     ``arcface_layer='last'`` gives the final embedding as the vector ``arcface`` (the released code's choice);
-    ``'penultimate'`` additionally exposes the last spatial feature map as the token map
-    ``arcface_penultimate`` (the paper's choice: it keeps spatial information), fused as one more scale.
+    ``'penultimate'`` gives the last spatial feature map as the token map ``arcface_penultimate`` instead (the
+    paper's choice: it keeps spatial information), fused as one more scale; ``'both'`` gives the two.
     CLIP gives the projected embedding ``clip`` and the hidden states of ``clip_layers`` as token maps.
     """
 
@@ -69,8 +101,7 @@ class StandInLocalEncoder(LocalEncoder):
             raise ValueError(
                 "StandInLocalEncoder needs arcface=True or clip=True; for no local route use model/local_encoder=none"
             )
-        if arcface_layer not in ("last", "penultimate"):
-            raise ValueError(f"arcface_layer must be 'last' or 'penultimate', got {arcface_layer!r}")
+        self._arc_embedding, self._arc_map = arcface_outputs(arcface_layer)
         from consisid_lab.encoders.recipes import named_recipe
         from consisid_lab.encoders.store import load_standins
 
@@ -87,8 +118,11 @@ class StandInLocalEncoder(LocalEncoder):
         # Dimensions are read off one dry forward so the fuser can be built with explicit sizes.
         with torch.no_grad():
             probe = self._extract(torch.zeros(1, 3, image_size, image_size))
-        self.vector_dims = {k: v.shape[-1] for k, v in probe.vectors.items()}
-        self.token_dims = {k: v.shape[-1] for k, v in probe.tokens.items()}
+        self.spec = FeatureSpec(
+            {k: int(v.shape[-1]) for k, v in probe.vectors.items()},
+            {k: int(v.shape[-1]) for k, v in probe.tokens.items()},
+            source=f"the stand-in local encoder (arcface={arcface}, clip={clip}, arcface_layer={arcface_layer})",
+        )
         self.token_counts = {k: v.shape[1] for k, v in probe.tokens.items()}
 
     def train(self, mode: bool = True) -> StandInLocalEncoder:
@@ -98,8 +132,9 @@ class StandInLocalEncoder(LocalEncoder):
     def _extract(self, face: Tensor) -> IdentityFeatures:
         feats = IdentityFeatures()
         if self.identity_net is not None:
-            feats.vectors["arcface"] = self.identity_net.embed(face)  # (B, D_id)
-            if self.arcface_layer == "penultimate":
+            if self._arc_embedding:
+                feats.vectors["arcface"] = self.identity_net.embed(face)  # (B, D_id)
+            if self._arc_map:
                 feats.tokens["arcface_penultimate"] = self.identity_net.tokens(face)  # (B, h*w, C)
         if self.clip is not None:
             embedding, hidden = self.clip.encode(face)  # (B, D_clip), {name: (B, N, D_vit)}

@@ -28,7 +28,7 @@ from consisid_lab.faces.analysis import (
     to_rgb_uint8,
 )
 from consisid_lab.models.local_encoder import ArcFaceLayer, LocalEncoder
-from consisid_lab.types import IdentityFeatures
+from consisid_lab.types import FeatureSpec, IdentityFeatures
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class RealFaceLocalEncoder(LazyFaceAnalyzer, LocalEncoder):
     Args:
         arcface_dir: insightface model directory (``antelopev2`` or ``buffalo_l``); ``None`` drops the ArcFace half.
         clip_checkpoint: EVA-CLIP or open_clip checkpoint file; ``None`` drops the CLIP half.
-        arcface_layer: ``last`` (512-d embedding) or ``penultimate`` (adds the spatial map as tokens).
+        arcface_layer: ``last`` (the 512-d embedding), ``penultimate`` (the spatial map as tokens instead) or
+            ``both``.
         clip_blocks: CLIP hidden states entering these blocks become token maps.
         face_policy: which face of a multi-face image is used (``largest``, ``center``, ``highest_score``).
         clip_model_name: open_clip model config of the checkpoint.
@@ -74,6 +75,9 @@ class RealFaceLocalEncoder(LazyFaceAnalyzer, LocalEncoder):
                 "clip_checkpoint=<EVA-CLIP .pt>, or use model/local_encoder=arcface_clip (the stand-in encoders)"
             )
         self.face_policy = face_policy
+        # Where the weights came from (the export task copies them to the published face_encoder/ folder).
+        self.arcface_dir = str(arcface_dir) if arcface_dir else None
+        self.clip_checkpoint = str(clip_checkpoint) if clip_checkpoint else None
         self.arcface = None
         if arcface_dir:
             from consisid_lab.faces.arcface import InsightFaceArcFace
@@ -90,12 +94,15 @@ class RealFaceLocalEncoder(LazyFaceAnalyzer, LocalEncoder):
             from consisid_lab.faces.eva_clip import EvaClipEncoder
 
             self.clip = EvaClipEncoder(clip_checkpoint or None, model_name=clip_model_name, blocks=tuple(clip_blocks))
-        self.vector_dims: dict[str, int] = {}
-        self.token_dims: dict[str, int] = {}
+        vectors: dict[str, int] = {}
+        tokens: dict[str, int] = {}
         for part in (self.arcface, self.clip):
             if part is not None:
-                self.vector_dims.update(part.vector_dims)
-                self.token_dims.update(part.token_dims)
+                vectors.update(part.vector_dims)
+                tokens.update(part.token_dims)
+        self.spec = FeatureSpec(
+            vectors, tokens, source=f"model/local_encoder=insightface_evaclip (arcface_layer={arcface_layer})"
+        )
         self._analyzer: FaceAnalyzer | None = None
         self.eval()
 

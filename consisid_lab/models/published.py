@@ -14,8 +14,9 @@ Loading is strict and checked before any weight is read: every required file is 
 are named at once; the transformer's weight shapes are compared with its config (and with an expected composition,
 if one is given) and every mismatching component is listed (``in_channels``, ``num_layers``, ``cross_attn_interval``,
 ``LFE_*``), instead of failing with a shape error deep in ``load_state_dict``. The transformer's safetensors are
-read straight into the meta-built ``ConsisIDDenoiser`` through the explicit key map of
-:mod:`consisid_lab.models.consisid` (the diffusers model is never instantiated).
+read straight into the meta-built :class:`~consisid_lab.models.denoiser.IdentityDenoiser` (the one denoiser that
+also trains) through the explicit key map of :mod:`consisid_lab.models.consisid` (the diffusers model is never
+instantiated).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch
 from torch import Tensor
 
 from consisid_lab.models.backbone import PRESETS
-from consisid_lab.models.consisid import ConsisIDDenoiser, build_from_config, diffusers_to_ours, ours_to_diffusers
+from consisid_lab.models.consisid import build_from_config, diffusers_to_ours, ours_to_diffusers
+from consisid_lab.models.denoiser import IdentityDenoiser
 from consisid_lab.models.vae import torch_dtype
 
 if TYPE_CHECKING:
@@ -304,7 +306,7 @@ def _raise_mismatches(where: Path, problems: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------- the transformer
 def load_denoiser(
     folder: str | Path, dtype: str | torch.dtype = "float32", expected: Mapping[str, Any] | None = None
-) -> ConsisIDDenoiser:
+) -> IdentityDenoiser:
     """Our composition with the weights of a published ``transformer/`` folder, strictly.
 
     The composition is checked first (weights vs config vs ``expected``); the safetensors are then read into the
@@ -339,7 +341,7 @@ def load_denoiser(
     return model.eval().requires_grad_(False)
 
 
-def _materialise_buffers(model: ConsisIDDenoiser) -> None:
+def _materialise_buffers(model: IdentityDenoiser) -> None:
     """Buffers outside the state dict (the sin-cos position table without learned positions) are computed."""
     for name, buf in list(model.named_buffers()):
         if not buf.is_meta:
@@ -360,7 +362,7 @@ class PublishedModel:
     """The published model in our composition (all modules frozen, in eval mode)."""
 
     root: Path
-    denoiser: ConsisIDDenoiser
+    denoiser: IdentityDenoiser
     vae: CogVideoXCodec
     text_encoder: T5TextEncoder | None
     scheduler: CogVideoXDPMScheduler
@@ -398,6 +400,8 @@ def load_published(
     text_encoder = None
     if load_text_encoder:
         text_encoder = T5TextEncoder(str(root), max_length=int(config["max_text_seq_length"]), dtype=name)
+    # The denoiser holds the directory's codec and text encoder too (both frozen): one model, whole.
+    denoiser.vae, denoiser.text_encoder = vae, text_encoder
     scheduler = CogVideoXDPMScheduler.from_pretrained(str(root), subfolder="scheduler", local_files_only=True)
     logger.info(
         "loaded ConsisID from %s: %d layers, in_channels %d, identity modules %s",

@@ -19,8 +19,12 @@ _WORD = re.compile(r"[a-z]+")
 
 
 class TextEncoder(nn.Module):
-    """Interface: ``forward(captions) -> (B, max_length, dim)``, always padded to ``max_length``."""
+    """Interface: ``forward(captions) -> (B, max_length, dim)``, always padded to ``max_length``.
 
+    ``frozen`` declares whether the encoder may train (the trainable selectors never unfreeze a frozen one).
+    """
+
+    frozen: bool = False
     dim: int
     max_length: int
 
@@ -97,6 +101,8 @@ class T5TextEncoder(TextEncoder):
         dtype: weights dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
         tokenizer_subfolder / encoder_subfolder: where tokenizer and encoder live inside ``path``.
     """
+
+    frozen = True  # 4.7 B parameters at the released size: never trained (nor shadowed by the EMA)
 
     def __init__(
         self,

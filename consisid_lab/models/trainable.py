@@ -95,3 +95,18 @@ def apply_lora(module: nn.Module, rank: int, alpha: float, target_modules: list[
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout)
     inject_adapter_in_model(config, module)
+
+
+def fuse_lora(module: nn.Module) -> int:
+    """Merge every LoRA adapter of ``module`` into the weight it adapts and put the plain layer back, so that
+    the state dict has the base model's keys again; returns the number of fused layers."""
+    from peft.tuners.lora import LoraLayer
+
+    fused = 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer):
+            child.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.get_base_layer())
+            fused += 1
+    return fused

@@ -6,8 +6,10 @@ Every codec speaks the project's frame-major layout ``(B, F, C, H, W)``; the dif
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +39,10 @@ class LatentCodec(nn.Module):
         scaling_factor: latents are ``scaling_factor * raw_latents`` so that they have roughly unit variance.
     """
 
+    frozen = True  # declared: trainable selectors never unfreeze it
+    # Whether encodings come from a posterior that can be sampled (a real VAE); deterministic codecs say False.
+    has_posterior = False
+
     latent_channels: int
     spatial_factor: int
     temporal_factor: int
@@ -49,6 +55,15 @@ class LatentCodec(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents ``(B, f, C, h, w)`` -> video ``(B, F, 3, H, W)`` in (roughly) [-1, 1]."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def posterior_sampling(self, generator: torch.Generator) -> Iterator[None]:
+        """Inside, :meth:`encode` draws from the posterior with ``generator`` (codecs with ``has_posterior``)."""
+        raise ValueError(
+            f"{type(self).__name__} has no posterior to sample (a deterministic encoder); posterior sampling needs a "
+            "real VAE (model/vae=cogvideox), or set model.loss.sample_posterior=false"
+        )
+        yield  # pragma: no cover
 
     def encode_image(self, image: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> one latent frame ``(B, 1, C, h, w)`` (a one-frame video)."""
@@ -141,6 +156,8 @@ class CogVideoXCodec(LatentCodec):
             the mean keeps encodings deterministic, which cached latents and tests rely on).
     """
 
+    has_posterior = True
+
     def __init__(
         self,
         path: str,
@@ -173,6 +190,7 @@ class CogVideoXCodec(LatentCodec):
             vae.use_slicing = True
         self.vae = vae
         self.sample_posterior = sample_posterior
+        self._posterior_generator: torch.Generator | None = None
         cfg = vae.config
         self.latent_channels = int(cfg.latent_channels)
         num_down = len(cfg.block_out_channels) - 1  # the last encoder block does not downsample
@@ -217,8 +235,20 @@ class CogVideoXCodec(LatentCodec):
         self._check_video(video)
         x = video.to(self.dtype).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W)
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample() if self.sample_posterior else posterior.mode()  # (B, C, f, h, w)
+        gen = self._posterior_generator
+        if gen is not None:  # inside posterior_sampling: a seeded draw
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(posterior.mean)
+        else:
+            z = posterior.sample() if self.sample_posterior else posterior.mode()  # (B, C, f, h, w)
         return (z.permute(0, 2, 1, 3, 4) * self.scaling_factor).to(video.dtype)
+
+    @contextlib.contextmanager
+    def posterior_sampling(self, generator: torch.Generator) -> Iterator[None]:
+        previous, self._posterior_generator = self._posterior_generator, generator
+        try:
+            yield
+        finally:
+            self._posterior_generator = previous
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

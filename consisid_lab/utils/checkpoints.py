@@ -71,6 +71,51 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# Stored configs name the shared cache by this marker, not by the training machine's absolute path; loading
+# replaces it by the loading machine's cache (``$CONSISID_LAB_CACHE`` or ``~/.cache/consisid_lab``, as
+# conf/paths/default.yaml resolves it). A plain string (no interpolation), so the config stays plain containers.
+CACHE_MARKER = "<consisid_lab cache>"
+
+
+def machine_cache_dir() -> str:
+    """This machine's ``paths.cache_dir`` (conf/paths/default.yaml's formula)."""
+    env = os.environ.get("CONSISID_LAB_CACHE")
+    return env if env else str(Path.home() / ".cache" / "consisid_lab")
+
+
+def _map_strings(obj: Any, fn: Any) -> Any:
+    if isinstance(obj, str):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_strings(v, fn) for v in obj)
+    return obj
+
+
+def portable_config(cfg: Any, cache_dir: str | os.PathLike | None) -> Any:
+    """``cfg`` (plain containers) with every path under ``cache_dir`` written as ``CACHE_MARKER/relative``, inside
+    longer strings too (the recorded overrides, ``paths.cache_dir=...``)."""
+    import re
+
+    if not cache_dir:
+        return cfg
+    root = os.path.normpath(os.fspath(cache_dir))
+    pattern = re.compile(re.escape(root) + r"(?=$|/|[^\w.-])")
+    return _map_strings(cfg, lambda s: pattern.sub(CACHE_MARKER, s))
+
+
+def localised_config(cfg: Any, cache_dir: str | os.PathLike | None = None) -> Any:
+    """The inverse of :func:`portable_config` on the loading machine (``cache_dir`` default: its own cache)."""
+    root = os.fspath(cache_dir) if cache_dir else machine_cache_dir()
+    return _map_strings(cfg, lambda s: s.replace(CACHE_MARKER, root))
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """A training checkpoint loaded with ``weights_only=True`` (no code runs while unpickling)."""
+    return torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
+
+
 def load_error(path: Path) -> str | None:
     """``None`` if ``path`` loads as a checkpoint, else why not (the loader's error).
 
@@ -80,11 +125,11 @@ def load_error(path: Path) -> str | None:
         return "it is empty"
     try:
         try:
-            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            ckpt = load_checkpoint(path, mmap=True)
         except RuntimeError as err:
             if "mmap can only be used" not in str(err):
                 raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the legacy (non-zip) format
+            ckpt = load_checkpoint(path)  # the legacy (non-zip) format
     except Exception as err:  # any failure to load is a reason to skip the file
         return f"{type(err).__name__}: {' '.join(str(err).split())}"
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

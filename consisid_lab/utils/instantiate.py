@@ -27,12 +27,30 @@ def instantiate(cfg: Any, /, **kwargs: Any) -> Any:
             cause = err.__cause__
             if isinstance(cause, (ValueError, FileNotFoundError, KeyError)):
                 raise cause.with_traceback(cause.__traceback__) from None
+            unexpected = _unexpected_keyword(cause)
+            if unexpected is not None:
+                # A key another variant of the group takes (set by a preset or an experiment) reached this one.
+                raise ValueError(
+                    f"{cfg['_target_']} takes no setting {unexpected!r}, but the composed config sets it (from a "
+                    "preset such as model=consisid_preview or an +experiment written for another variant of this "
+                    f"group); remove it with ~<group path>.{unexpected} on the command line, or pick the variant "
+                    "that has it"
+                ) from cause
             raise
     if isinstance(cfg, (DictConfig, dict)):
         return [instantiate(v) for v in cfg.values() if isinstance(v, (DictConfig, dict)) and "_target_" in v]
     if isinstance(cfg, (ListConfig, list)):
         return [instantiate(v) for v in cfg if v is not None]
     raise TypeError(f"cannot instantiate {type(cfg).__name__}: expected a config with `_target_`, got {cfg!r}")
+
+
+def _unexpected_keyword(err: BaseException | None) -> str | None:
+    import re
+
+    if not isinstance(err, TypeError):
+        return None
+    m = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+    return m.group(1) if m else None
 
 
 def to_container(cfg: Any) -> Any:
