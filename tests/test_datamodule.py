@@ -123,7 +123,7 @@ def test_workers_give_the_same_batches_as_the_main_process() -> None:
 
 def test_training_stream_starts_at_the_trainers_position() -> None:
     class _Trainer:
-        global_step, accumulate_grad_batches, world_size = 2, 1, 1
+        global_step, accumulate_grad_batches, world_size, global_rank = 2, 1, 1, 0
 
     dm = _dm()
     stream = [b.clip_id.tolist() for b in islice(dm.train_dataloader(), 4)]

@@ -96,6 +96,11 @@ class LossSettings:
             raise ValueError(f"unknown model.loss settings {unknown}; known: {sorted(known)}")
         values = {}
         for k, v in raw.items():
+            if k == "weight_cap":  # optional: null or a number >= 1
+                if v is not None and (isinstance(v, bool) or float(v) < 1):
+                    raise ValueError(f"model.loss.weight_cap={v!r} must be null (exact v-loss) or a number >= 1")
+                values[k] = None if v is None else float(v)
+                continue
             kind = type(getattr(cls, k))
             if kind is bool and not isinstance(v, bool):
                 raise ValueError(f"model.loss.{k}={v!r} must be true or false")
