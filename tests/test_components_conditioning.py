@@ -357,6 +357,27 @@ def test_adaln_zero_init_starts_every_block_as_the_identity_and_predicts_zero():
         VideoDiT(init="zeros")
 
 
+def test_pooled_text_route_starts_silent_ignores_padding_and_then_carries_the_caption():
+    from consisid_lab.models.backbone import VideoDiT, pool_text
+
+    torch.manual_seed(0)
+    text = torch.randn(2, 16, 32)
+    text[:, 10:] = 0  # padding tokens are zeros
+    torch.testing.assert_close(pool_text(text), text[:, :10].mean(dim=1))
+    assert pool_text(torch.zeros(1, 4, 32)).abs().max() == 0  # an empty caption pools to zeros
+    plain = VideoDiT()
+    pooled = VideoDiT(pooled_text=True)
+    pooled.transformer.load_state_dict(plain.transformer.state_dict())
+    x, t = torch.randn(2, 3, 32, 8, 8), torch.tensor([10, 900])
+    torch.testing.assert_close(pooled(x, text, t), plain(x, text, t))  # zero-initialised: no change at first
+    torch.nn.init.normal_(pooled.pooled_text_proj.weight, std=0.5)
+    other = text.clone()
+    other[:, :10] = torch.randn(2, 10, 32)
+    gap_plain = (plain(x, other, t) - plain(x, text, t)).abs().mean()
+    gap_pooled = (pooled(x, other, t) - pooled(x, text, t)).abs().mean()
+    assert gap_pooled > 10 * gap_plain  # the caption now modulates every block, not only through attention
+
+
 # ------------------------------------------------------------------------------------------------------- sampler
 
 
