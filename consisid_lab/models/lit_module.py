@@ -24,6 +24,7 @@ from torch import Tensor
 from consisid_lab.models import objective
 from consisid_lab.models.denoiser import COMPONENTS, IdentityDenoiser
 from consisid_lab.models.divergence import DivergenceGuard, all_finite, check_nan_settings, optimised_parameters
+from consisid_lab.models.knobs import SamplingKnobs
 from consisid_lab.models.trainable import Stage, apply_lora, lr_multiplier, select_parameters, stage_index
 from consisid_lab.types import VideoBatch
 from consisid_lab.utils.faults import DivergenceError
@@ -92,6 +93,7 @@ class IdentityVideoModule(pl.LightningModule):
         self.loss_cfg = dict(to_container(loss))
         self.loss_settings = objective.LossSettings.parse(self.loss_cfg)
         self.sampling_cfg = dict(to_container(sampling))
+        SamplingKnobs.from_config(self.sampling_cfg.get("knobs"))  # unknown or out-of-range knobs: refused now
         self.optimizer_cfg = dict(to_container(optimizer))
 
         from consisid_lab.models.diffusion import make_scheduler
@@ -337,6 +339,7 @@ class IdentityVideoModule(pl.LightningModule):
             use_dynamic_cfg=bool(self.sampling_cfg.get("use_dynamic_cfg", False)),
             generator=torch.Generator(device="cpu").manual_seed(seed),
             device=self.device,
+            knobs=self.sampling_cfg.get("knobs"),
         )
 
     def setup(self, stage: str) -> None:
