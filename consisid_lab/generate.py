@@ -260,10 +260,8 @@ def sample_published(
 
     def model_fn(x_t: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
         reps = x_t.shape[0] // b  # 2 when the CFG halves are batched
-        if id_kv is not None:
-            identity = id_kv  # keys and values memoised per batch size: the same numbers as repeating the tokens
-        else:
-            identity = tokens.repeat(reps, 1, 1) if tokens is not None else None
+        # memoised keys and values (per batch size): the same numbers as repeating the tokens
+        identity = id_kv if id_kv is not None else (tokens.repeat(reps, 1, 1) if tokens is not None else None)
         cond = Conditions(
             text=inputs["text"],
             global_latent=cond_latent.repeat(reps, 1, 1, 1, 1),  # (rB, f, C, h, w)

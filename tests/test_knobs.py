@@ -19,9 +19,10 @@ from consisid_lab.models.sampling import sample_video
 REASSOC_TOL = 1e-4
 # The approximate knobs' stated bounds (max abs on the decoded video in [-1, 1]) at these sizes; the identity cost
 # at benchmark sizes is what benchmarks/bench_knobs.py measures.
-STEP_CACHE_SMALL = 0.02  # threshold 0.02: at most STEP_CACHE_SMALL_TOL
-STEP_CACHE_SMALL_TOL = 0.05
-INT8_TOL = 0.05
+STEP_CACHE_STEPS = 20
+STEP_CACHE_SMALL = 0.3  # at 20 steps: some calls served from the cache, at most STEP_CACHE_SMALL_TOL
+STEP_CACHE_SMALL_TOL = 1e-3  # measured 1.1e-4 (4 of 40 calls cached)
+INT8_TOL = 1e-3  # measured 5e-6
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 HAS_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
@@ -148,15 +149,18 @@ def test_step_cache_zero_threshold_is_exact(setup, exact):
     assert torch.equal(got, exact)
 
 
-def test_step_cache_skips_steps_within_its_bound(setup, exact):
+def test_step_cache_skips_steps_within_its_bound(setup):
+    n = STEP_CACHE_STEPS
+    exact = run(setup, SamplingKnobs(identity_kv_cache=False), steps=n)
     small, large = {}, {}
-    got = run(setup, SamplingKnobs(step_cache=STEP_CACHE_SMALL), stats=small)
-    assert (got - exact).abs().max() <= STEP_CACHE_SMALL_TOL
-    loose = run(setup, SamplingKnobs(step_cache=1.0), stats=large)
-    # a loose threshold serves most calls from the cache (never the first of each branch) and moves the video
-    assert large["step_cache_hits"] >= 6
-    assert large["step_cache_hits"] >= small["step_cache_hits"]
-    assert (loose - exact).abs().max() > 0
+    got = run(setup, SamplingKnobs(step_cache=STEP_CACHE_SMALL), stats=small, steps=n)
+    assert small["step_cache_hits"] > 0
+    assert 0 < (got - exact).abs().max() <= STEP_CACHE_SMALL_TOL
+    loose = run(setup, SamplingKnobs(step_cache=1.0), stats=large, steps=n)
+    # a looser threshold serves more calls from the cache (never the first of each branch: cond and uncond) and
+    # moves the video more
+    assert small["step_cache_hits"] < large["step_cache_hits"] <= 2 * n - 2
+    assert (loose - exact).abs().max() >= (got - exact).abs().max()
     assert torch.isfinite(loose).all()
 
 

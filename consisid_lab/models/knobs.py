@@ -137,16 +137,11 @@ def check_attention(name: str, device: torch.device) -> None:
 
 
 def check_quantize(kind: str, device: torch.device) -> None:
-    if importlib.util.find_spec("torchao") is None:
-        raise KnobUnavailable(
-            f"sampling.knobs.quantize={kind} needs the `torchao` package (pip install 'consisid_lab[fast]', i.e. "
-            "torchao==0.18.0); without it use quantize=null"
-        )
     if kind == "fp8":
         if device.type != "cuda":
             raise KnobUnavailable(
-                f"sampling.knobs.quantize=fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper); on "
-                f"{device.type} use quantize=int8"
+                f"sampling.knobs.quantize=fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) and "
+                f"torchao; on {device.type} use quantize=int8"
             )
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
@@ -154,6 +149,11 @@ def check_quantize(kind: str, device: torch.device) -> None:
                 f"sampling.knobs.quantize=fp8 needs compute capability >= 8.9; this GPU has {major}.{minor}: use "
                 "quantize=int8"
             )
+    if importlib.util.find_spec("torchao") is None:
+        raise KnobUnavailable(
+            f"sampling.knobs.quantize={kind} needs the `torchao` package (pip install 'consisid_lab[fast]', i.e. "
+            "torchao==0.18.0); without it use quantize=null"
+        )
 
 
 def check_compile(device: torch.device) -> None:
