@@ -16,7 +16,6 @@ sensitivity measure: how much each knob moves what the metrics see, not what a t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def sample(knobs: dict[str, Any]) -> tuple[float, list[torch.Tensor], dict]:
         best, videos, stats = float("inf"), [], {}
-        for r in range(args.repeats):
+        for _r in range(args.repeats):
             out = []
             start = time.perf_counter()
             for batch in batches:
@@ -199,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sample(EXACT)  # warm-up (first-call allocations and lazy imports), not timed
         exact_s, exact_v, _ = sample(EXACT)
         exact_id = identity(exact_v)
-        print(f"exact: {exact_s:.2f} s, FaceSim {exact_id['facesim']:.4f}, FaceSim-High {exact_id['facesim_high']:.4f}")
+        fs, fh = exact_id["facesim"], exact_id["facesim_high"]
+        print(f"exact: {exact_s:.2f} s, FaceSim {fs:.4f}, FaceSim-High {fh:.4f}")
         table: dict[str, Any] = {}
         for name, knobs in KNOBS.items():
             if name == "compile" and not args.with_compile:
