@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import compose_train
 
 from consisid_lab.models.denoiser import build_denoiser
 from consisid_lab.models.diffusion import make_scheduler
@@ -36,17 +37,11 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from tests.conftest import compose_train
-
-    cache = tmp_path_factory.mktemp("knobs_cache")
-    import os
-
-    os.environ["CONSISID_LAB_CACHE"] = str(cache)
+def setup(tmp_path_factory, standin_cache):
     cfg = compose_train(
         ["model.backbone.config.num_layers=4", "model.sampling.num_steps=6"],
         tmp_path_factory.mktemp("knobs_run"),
-        cache,
+        standin_cache,
     )
     torch.set_num_threads(1)
     model = build_denoiser(cfg.model).eval()
