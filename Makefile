@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train sweep test test-full lint format bench bench-gpu validate clean
+.PHONY: install train sweep test test-full lint format bench bench-gpu gpu-wheels validate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,16 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
+
+# Wheels for benchmarks/bench_gpu_device.sh: the packages the GPU benchmark needs that the device image lacks,
+# for its Python 3.12 (torch, lightning, numpy are the image's own). antlr4 4.9.3 ships no wheel: built here.
+WHEEL_PLATFORMS := $(foreach n,28 27 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d .whl diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.0 torchao==0.18.0 \
+		importlib_metadata
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

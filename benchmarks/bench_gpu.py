@@ -76,6 +76,43 @@ TINY_VAE: dict[str, Any] = {
 }
 
 
+# Sampling knob sets timed beside diffusers' pipeline (consisid_lab.models.knobs.SamplingKnobs fields). A set this
+# machine cannot run is reported with the reason instead of a time.
+KNOB_SETS: dict[str, dict[str, Any]] = {
+    "exact": {"identity_kv_cache": False},
+    "identity_kv_cache": {"identity_kv_cache": True},
+    "attention_flash": {"attention": "flash"},
+    "attention_cudnn": {"attention": "cudnn"},
+    "attention_efficient": {"attention": "efficient"},
+    "attention_sage": {"attention": "sage"},
+    "attention_flash3": {"attention": "flash3"},
+    "fuse_qkv": {"fuse_qkv": True},
+    "compile": {"compile": True},
+    "fp8": {"quantize": "fp8"},
+    "step_cache_0.1": {"step_cache": 0.1},
+    "step_cache_0.2": {"step_cache": 0.2},
+    "exact_fast": {"attention": "cudnn", "fuse_qkv": True, "compile": True},
+    "fast": {"attention": "cudnn", "fuse_qkv": True, "compile": True, "quantize": "fp8", "step_cache": 0.1},
+}
+# Training knob sets: gradient checkpointing policy (model.gradient_checkpointing) and fused AdamW.
+TRAIN_KNOB_SETS: dict[str, dict[str, Any]] = {
+    "checkpoint_every_2": {"checkpointing": 2},
+    "checkpoint_attention": {"checkpointing": "attention"},
+    "fused_adamw": {"fused": True},
+    "every_2_fused": {"checkpointing": 2, "fused": True},
+}
+
+
+def _chosen(spec: str, sets: dict[str, Any]) -> list[str]:
+    if spec == "none":
+        return []
+    names = list(sets) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in sets]
+    if unknown:
+        raise SystemExit(f"unknown knob sets {unknown}; known: {sorted(sets)}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("released", "tiny"), default="released")
@@ -90,6 +127,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-sample", action="store_true")
+    parser.add_argument(
+        "--knobs",
+        default="all",
+        help="sampling knob sets to time beside diffusers (comma-separated names of KNOB_SETS, 'all' or 'none')",
+    )
+    parser.add_argument(
+        "--train-knobs",
+        default="all",
+        help="training knob sets (comma-separated names of TRAIN_KNOB_SETS, 'all' or 'none')",
+    )
     args = parser.parse_args(argv)
     defaults = {"released": (49, 480, 720), "tiny": (9, 16, 24)}[args.config]
     for name, value in zip(("frames", "height", "width"), defaults):
@@ -209,15 +256,20 @@ def bench_training(ref: Any, ours: Any, config: dict, args: argparse.Namespace, 
     target = v_target(scheduler, x0, noise, t)
     inp = torch.cat([x_t, data["image_latents"]], dim=2)
 
+    from consisid_lab.models.denoiser import checkpoint_policy
+
     ref.enable_gradient_checkpointing()
-    ours.backbone.enable_gradient_checkpointing()
     results = {}
-    for name, model, diffusers_layout in (("diffusers", ref, True), ("ours", ours, False)):
+    sides = [("diffusers", ref, True, {}), ("ours", ours, False, {})]
+    sides += [(f"ours[{k}]", ours, False, TRAIN_KNOB_SETS[k]) for k in _chosen(args.train_knobs, TRAIN_KNOB_SETS)]
+    for name, model, diffusers_layout, knobs in sides:
+        if not diffusers_layout:
+            ours.backbone.enable_gradient_checkpointing(**checkpoint_policy(knobs.get("checkpointing", True)))
         model.requires_grad_(False)
         params = identity_parameters(model, diffusers_layout)
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=args.lr)
+        opt = torch.optim.AdamW(params, lr=args.lr, **({"fused": True} if knobs.get("fused") else {}))
         model.train()
 
         def step(model=model, opt=opt, diffusers_layout=diffusers_layout) -> None:
@@ -233,6 +285,7 @@ def bench_training(ref: Any, ours: Any, config: dict, args: argparse.Namespace, 
             opt.step()
 
         results[name] = timed(step, args.train_steps, args.warmup, device)
+        print(f"{name}: {results[name][0]:.4f} s/step, {results[name][1]:.2f} GiB", flush=True)
         # Free this side's gradients and optimizer state before the other side is measured.
         for p in params:
             p.grad = None
@@ -240,7 +293,28 @@ def bench_training(ref: Any, ours: Any, config: dict, args: argparse.Namespace, 
         model.eval().requires_grad_(False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return _summary(results, "train")
+    return {**_summary(results, "train"), **_knob_rows(results, "train")}
+
+
+def _knob_rows(results: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Per knob set: seconds per step, peak GiB and the ratios against diffusers (or why it did not run)."""
+    ref_s, ref_m = results["diffusers"]
+    rows = {}
+    for name, value in results.items():
+        if not name.startswith("ours["):
+            continue
+        knob = name[len("ours[") : -1]
+        if isinstance(value, str):
+            rows[knob] = {"skipped": value}
+            continue
+        sec, mem = value
+        rows[knob] = {
+            "s_per_step": round(sec, 4),
+            "peak_gib": round(mem, 3),
+            "time_ratio": round(sec / ref_s, 3) if ref_s > 0 else None,
+            "memory_ratio": round(mem / ref_m, 3) if ref_m > 0 else None,
+        }
+    return {f"{prefix}_knobs": rows}
 
 
 def _tiny_or_released_vae(args: argparse.Namespace, device: torch.device, folder: Path) -> Any:
@@ -293,7 +367,7 @@ def bench_sampling(ref: Any, ours: Any, config: dict, args: argparse.Namespace, 
             **sizes,
         )
 
-    def run_ours() -> None:
+    def run_ours(knobs: dict[str, Any] | None = None) -> None:
         sample_published(
             model,
             image,
@@ -308,15 +382,32 @@ def bench_sampling(ref: Any, ours: Any, config: dict, args: argparse.Namespace, 
             device=device,
             dtype=dtype,
             decode=False,
+            knobs=knobs,
             **sizes,
         )
 
-    results = {}
+    from consisid_lab.models.knobs import KnobUnavailable, SamplingKnobs
+
+    results: dict[str, Any] = {}
+    runs: list[tuple[str, Callable[[], None]]] = [("diffusers", run_diffusers), ("ours", run_ours)]
+    for k in _chosen(args.knobs, KNOB_SETS):
+        runs.append((f"ours[{k}]", lambda k=k: run_ours(KNOB_SETS[k])))
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-        for name, fn in (("diffusers", run_diffusers), ("ours", run_ours)):
-            seconds, peak = timed(fn, 1, args.warmup, device)
+        for name, fn in runs:
+            if name.startswith("ours["):
+                try:  # refused before anything runs when this machine lacks what the knob needs
+                    SamplingKnobs.from_config(KNOB_SETS[name[5:-1]]).check(device)
+                except KnobUnavailable as err:
+                    results[name] = str(err)
+                    print(f"{name}: skipped ({err})", flush=True)
+                    continue
+            # a compiling knob set compiles during its warm-up call, which is not timed
+            seconds, peak = timed(fn, 1, max(args.warmup, 1 if "compile" in name else 0), device)
             results[name] = (seconds / steps, peak)
-    return _summary(results, "sample")
+            print(f"{name}: {seconds / steps:.4f} s/step, {peak:.2f} GiB", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {**_summary(results, "sample"), **_knob_rows(results, "sample")}
 
 
 def _summary(results: dict[str, tuple[float, float]], prefix: str) -> dict[str, float | None]:

@@ -32,7 +32,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from consisid_lab.models.consisid import consisid_features
@@ -207,6 +207,7 @@ def sample_published(
     cpu_offload: bool = False,
     on_step: StepCallback | None = None,
     decode: bool = True,
+    knobs: Any = None,
 ) -> Tensor:
     """A video ``(B, F, 3, H, W)`` in [-1, 1] from a :class:`~consisid_lab.models.published.PublishedModel`
     (with ``decode=False`` the denoised latents ``(B, f, C, h, w)``).
@@ -218,7 +219,14 @@ def sample_published(
         latents: the initial noise ``(B, f, C, h, w)`` (drawn from ``generator`` when ``None``).
         kps: ArcFace-order keypoints in ``image``'s pixels, for ``is_kps`` models.
         on_step: called once per denoising step (progress bars).
+        knobs: the speed knobs (:class:`~consisid_lab.models.knobs.SamplingKnobs` or its config); the released
+            pipeline batches the CFG halves, so ``cfg_batching`` is on here whatever the knob says.
     """
+    from consisid_lab.models.knobs import IdentityKV, SamplingKnobs, StepCache
+    from consisid_lab.models.knobs import applied as knobs_applied
+
+    knobs = SamplingKnobs.from_config(knobs)
+    knobs.check(device)
     device = torch.device(device)
     codec, denoiser = model.vae, model.denoiser
     check_video_size(codec, denoiser.backbone.patch_size, num_frames, height, width)
@@ -248,17 +256,27 @@ def sample_published(
         [t.to(device=device, dtype=dtype) for t in id_vit_hidden] if id_vit_hidden else None,
     )
 
+    cache = StepCache(knobs.step_cache) if knobs.step_cache is not None else None
+
     def model_fn(x_t: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
         reps = x_t.shape[0] // b  # 2 when the CFG halves are batched
+        # memoised keys and values (per batch size): the same numbers as repeating the tokens
+        identity = id_kv if id_kv is not None else (tokens.repeat(reps, 1, 1) if tokens is not None else None)
         cond = Conditions(
             text=inputs["text"],
             global_latent=cond_latent.repeat(reps, 1, 1, 1, 1),  # (rB, f, C, h, w)
-            identity_tokens=tokens.repeat(reps, 1, 1) if tokens is not None else None,
+            identity_tokens=identity,
         )
-        return denoiser(x_t, t, cond)
+        return denoiser(x_t, t, cond, step_cache=cache.branch(str(reps)) if cache is not None else None)
 
-    with on_device(denoiser.backbone, device, cpu_offload), on_device(denoiser.fuser, device, cpu_offload):
+    with (
+        on_device(denoiser.backbone, device, cpu_offload),
+        on_device(denoiser.fuser, device, cpu_offload),
+        knobs_applied(knobs, denoiser, device),
+    ):
         tokens = denoiser.identity_tokens(features)  # (B, Q, D_kv) | None
+        # the denoiser casts the tokens to x_t's dtype; the memoised path starts from the same cast tokens
+        id_kv = IdentityKV(tokens.to(dtype)) if tokens is not None and knobs.identity_kv_cache else None
         x0 = sample(
             model_fn,
             shape=(b, f, c, h, w),
@@ -323,6 +341,7 @@ def sample_checkpoint(
     device: torch.device,
     dtype: torch.dtype,
     on_step: StepCallback | None = None,
+    knobs: Any = None,
 ) -> Tensor:
     """A video ``(1, F, 3, H, W)`` in [-1, 1] from one of our ``IdentityVideoModule`` checkpoints.
 
@@ -351,6 +370,7 @@ def sample_checkpoint(
         dtype=dtype,
         released_cfg_rule=True,
         on_step=on_step,
+        knobs=knobs,
     )
 
 
@@ -499,6 +519,7 @@ def generate_published(
             dtype=dtype,
             cpu_offload=cfg.cpu_offload,
             on_step=progress,
+            knobs=knobs_config(cfg),
         )
     return video, ref.image[0].float()
 
@@ -536,8 +557,17 @@ def generate_from_checkpoint(
             device=device,
             dtype=dtype,
             on_step=progress,
+            knobs=knobs_config(cfg),
         )
     return video, ref.face[0]
+
+
+def knobs_config(cfg: Mapping[str, Any]) -> Any:
+    """The task's ``knobs`` group as :class:`~consisid_lab.models.knobs.SamplingKnobs` (unknown keys refused)."""
+    from consisid_lab.models.knobs import SamplingKnobs
+
+    knobs = cfg.get("knobs")
+    return SamplingKnobs.from_config(OmegaConf.to_container(knobs) if isinstance(knobs, DictConfig) else knobs)
 
 
 def generate(cfg: DictConfig) -> dict[str, Path]:
@@ -548,6 +578,8 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
             "runs, or a .ckpt file of one)"
         )
     device = resolve_device(cfg.device)
+    # A knob this machine cannot run is refused here, before any model is loaded.
+    knobs_config(cfg).check(device)
     dtype = resolve_dtype(cfg.dtype, device)
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     start = time.perf_counter()

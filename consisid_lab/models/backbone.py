@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from consisid_lab.models.injector import Injector, NoInjector
+from consisid_lab.models.knobs import BranchCache, IdentityKV
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class InjectableBlock(CogVideoXBlock):
     still finds the blocks.
     """
 
+    checkpoint_attention: bool = False  # set by VideoDiT.enable_gradient_checkpointing(attention_only=True)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -126,12 +129,12 @@ class InjectableBlock(CogVideoXBlock):
 
         # Adaptive LayerNorm (scale/shift from the time embedding) on both streams; gates for the residuals.
         norm_v, norm_t, gate_v, gate_t = self.norm1(attn_in, encoder_hidden_states, temb)
-        attn_v, attn_t = self.attn1(
-            hidden_states=norm_v,
-            encoder_hidden_states=norm_t,
-            image_rotary_emb=image_rotary_emb,
-            **(attention_kwargs or {}),
-        )
+        attend = partial(self.attn1, image_rotary_emb=image_rotary_emb, **(attention_kwargs or {}))
+        if self.checkpoint_attention and torch.is_grad_enabled():
+            # Selective checkpointing: only the attention's activations are recomputed in the backward pass.
+            attn_v, attn_t = checkpoint(attend, norm_v, norm_t, use_reentrant=False)
+        else:
+            attn_v, attn_t = attend(norm_v, norm_t)
         hidden_states = hidden_states + gate_v * attn_v
         encoder_hidden_states = encoder_hidden_states + gate_t * attn_t
 
@@ -230,6 +233,7 @@ class VideoDiT(nn.Module):
         self.injector: Injector = NoInjector()
         self.set_injector(injector)
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_every = 1
 
     def _use_injectable_blocks(self) -> None:
         # Rebuild the blocks as InjectableBlock with the very same parameters: built on the meta device and
@@ -302,8 +306,24 @@ class VideoDiT(nn.Module):
             )
         self.injector = injector
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
+    def enable_gradient_checkpointing(
+        self, enabled: bool = True, every: int = 1, attention_only: bool = False
+    ) -> None:
+        """Recompute activations in the backward pass: whole blocks (every ``every``-th block: 1 = all, 2 = blocks
+        0, 2, 4, ...), or with ``attention_only`` the attention of every block alone (its activations are the
+        largest; the feed-forward's are kept)."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"gradient checkpointing every={every!r}: give a block interval >= 1 (1 = every block)")
+        self.gradient_checkpointing = bool(enabled) and not attention_only
+        self.checkpoint_every = every
+        for block in self.blocks:
+            block.checkpoint_attention = bool(enabled) and attention_only
+
+    def checkpointed_blocks(self) -> list[int]:
+        """Indices of the blocks recomputed whole in the backward pass."""
+        if not self.gradient_checkpointing:
+            return []
+        return [i for i in range(self.num_layers) if i % self.checkpoint_every == 0]
 
     # ------------------------------------------------------------------ positions
     def rotary_embedding(
@@ -339,10 +359,15 @@ class VideoDiT(nn.Module):
         encoder_hidden_states: Tensor,
         timestep: Tensor,
         image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-        identity_tokens: Tensor | None = None,
+        identity_tokens: Tensor | IdentityKV | None = None,
+        step_cache: BranchCache | None = None,
     ) -> Tensor:
         """``hidden_states (B, F, C_in, h, w)``, ``encoder_hidden_states (B, L, D_text)``, ``timestep (B,)``,
-        ``identity_tokens (B, Q, D_kv)`` or ``None`` (no injection) -> ``(B, F, C_out, h, w)``."""
+        ``identity_tokens (B, Q, D_kv)`` (or their memoised keys and values, :class:`IdentityKV`) or ``None``
+        (no injection) -> ``(B, F, C_out, h, w)``.
+
+        ``step_cache``: a sampler's first-block cache for this branch (:class:`~consisid_lab.models.knobs.StepCache`):
+        after block 0 it decides whether blocks 1.. run or their last residual is reused."""
         t = self.transformer
         b, f, c, h, w = hidden_states.shape
         p = t.config.patch_size
@@ -371,12 +396,21 @@ class VideoDiT(nn.Module):
                 s: partial(inj, i, identity_tokens=identity_tokens) if inj is not None and inj.has(i, s) else None
                 for s in IN_BLOCK_SITES
             }
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            recompute = self.gradient_checkpointing and i % self.checkpoint_every == 0
+            if recompute and torch.is_grad_enabled():
                 video, text = checkpoint(block, video, text, emb, image_rotary_emb, use_reentrant=False, **sites)
             else:
                 video, text = block(video, text, emb, image_rotary_emb, **sites)
             if inj is not None and inj.has(i, AFTER_BLOCK):
                 video = video + inj(i, video, identity_tokens)
+            if step_cache is not None and i == 0:
+                first = video
+                if step_cache.skip(first):
+                    video = first + step_cache.residual
+                    break
+        else:
+            if step_cache is not None:
+                step_cache.store(first, video)
 
         # LayerNorm is per token, so normalising the video tokens alone equals normalising [text; video].
         video = t.norm_final(video)

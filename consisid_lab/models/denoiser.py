@@ -33,6 +33,7 @@ from consisid_lab.models.fuser import Fuser
 from consisid_lab.models.global_encoder import GlobalEncoder, NoGlobalEncoder
 from consisid_lab.models.injector import NoInjector
 from consisid_lab.models.keypoints import KeypointRenderer, NoKeypointRenderer
+from consisid_lab.models.knobs import BranchCache, IdentityKV
 from consisid_lab.models.local_encoder import LocalEncoder, NoLocalEncoder
 from consisid_lab.types import IdentityFeatures
 from consisid_lab.utils.instantiate import instantiate
@@ -51,7 +52,7 @@ class Conditions:
 
     text: Tensor  # (B, L, D_text)
     global_latent: Tensor | None = None  # (B, f, C_g, h, w), concatenated to x_t on the channel axis
-    identity_tokens: Tensor | None = None  # (B, Q, D_kv), entering through the injector
+    identity_tokens: Tensor | IdentityKV | None = None  # (B, Q, D_kv), entering through the injector
 
     def to(self, *args: Any, **kwargs: Any) -> Conditions:
         return Conditions(
@@ -103,7 +104,7 @@ class IdentityDenoiser(nn.Module):
         fuser: Mapping[str, Any] | None,
         injector: Mapping[str, Any] | None,
         backbone: Mapping[str, Any],
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | int | str = False,
         init_from: str | None = None,
     ) -> IdentityDenoiser:
         """Instantiate the model groups (``conf/model/<group>``); sizes follow each other: the backbone's
@@ -140,7 +141,7 @@ class IdentityDenoiser(nn.Module):
         if has_local and isinstance(dit.injector, NoInjector):
             log.warning("the local encoder's identity tokens are computed but model/injector=none never uses them")
         if gradient_checkpointing:
-            dit.enable_gradient_checkpointing()
+            dit.enable_gradient_checkpointing(**checkpoint_policy(gradient_checkpointing))
         model = cls(codec, text, renderer, g_enc, l_enc, fuse, dit)
         if init_from:
             from consisid_lab.models.pretrained import load_published_transformer
@@ -242,17 +243,23 @@ class IdentityDenoiser(nn.Module):
             self._rotary_cache[key] = self.backbone.rotary_embedding(f, h, w, device=x.device)
         return self._rotary_cache[key]
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Conditions) -> Tensor:
-        """``x_t (B, f, C, h, w)``, ``t (B,)`` -> the v prediction ``(B, f, C, h, w)``."""
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditions, step_cache: BranchCache | None = None) -> Tensor:
+        """``x_t (B, f, C, h, w)``, ``t (B,)`` -> the v prediction ``(B, f, C, h, w)``.
+
+        ``cond.identity_tokens`` may be an :class:`~consisid_lab.models.knobs.IdentityKV` (keys and values
+        memoised across a sampler's steps); ``step_cache``: a sampler's first-block cache for this branch."""
         g = cond.global_latent
         inp = x_t if g is None else torch.cat([x_t, g.to(x_t.dtype)], dim=2)  # (B, f, C + C_g, h, w)
         tokens = cond.identity_tokens
+        if tokens is not None and not isinstance(tokens, IdentityKV):
+            tokens = tokens.to(x_t.dtype)
         return self.backbone(
             inp,
             cond.text.to(x_t.dtype),
             t,
             image_rotary_emb=self.rotary(x_t),
-            identity_tokens=None if tokens is None else tokens.to(x_t.dtype),
+            identity_tokens=tokens,
+            step_cache=step_cache,
         )
 
     def transformer_state_dict(self) -> dict[str, Tensor]:
@@ -289,11 +296,25 @@ def build_fuser(cfg: Mapping[str, Any], local_encoder: LocalEncoder) -> nn.Modul
     return fuser
 
 
+def checkpoint_policy(value: bool | int | str) -> dict[str, Any]:
+    """``model.gradient_checkpointing``: ``true`` (every block), an int ``k`` (every k-th block: selective
+    checkpointing, less recomputation for more memory) or ``attention`` (the attention of every block alone)."""
+    if isinstance(value, bool):
+        return {"enabled": value}
+    if isinstance(value, int) and value >= 1:
+        return {"every": value}
+    if value == "attention":
+        return {"attention_only": True}
+    raise ValueError(
+        f"model.gradient_checkpointing={value!r}: use true / false, an int k >= 1 (every k-th block) or 'attention'"
+    )
+
+
 def build_denoiser(model_cfg: Mapping[str, Any]) -> IdentityDenoiser:
     """The denoiser of a whole ``model`` config (the LightningModule's groups; other keys are ignored)."""
     keys = (*COMPONENTS, "injector")
     return IdentityDenoiser.from_config(
         **{k: model_cfg.get(k) for k in keys},
-        gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing", False)),
+        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
         init_from=model_cfg.get("init_from"),
     )

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from consisid_lab.models.knobs import IdentityKV
+
 
 def _backbone_sites() -> tuple[str, ...]:
     # The sites are declared by the backbone (consisid_lab.models.backbone.INJECTION_SITES); imported late, the
@@ -63,17 +65,36 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, context: Tensor, queries: Tensor) -> Tensor:
-        """``context (B, M, D_c)``, ``queries (B, N, D)`` -> ``(B, N, D)`` (the residual, not yet added)."""
-        context = self.norm_context(context)
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(B, H, M, d)`` of a context alone (cross-attention, ``context_includes_queries``
+        false): they do not depend on the queries, so a sampler may compute them once per video."""
+        if self.context_includes_queries:
+            raise ValueError("a Perceiver layer over [context; queries] has no query-independent keys and values")
+        b = context.shape[0]
+        k, v = self.to_kv(self.norm_context(context)).chunk(2, dim=-1)  # (B, M, H*d) each
+        return (
+            k.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2),
+            v.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2),
+        )
+
+    def forward(self, context: Tensor | None, queries: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``context (B, M, D_c)``, ``queries (B, N, D)`` -> ``(B, N, D)`` (the residual, not yet added).
+
+        ``kv``: the context's keys and values from :meth:`context_kv` (then ``context`` is not read).
+        """
         queries = self.norm_queries(queries)
         b, n, _ = queries.shape
-        kv_input = torch.cat([context, queries], dim=1) if self.context_includes_queries else context
         q = self.to_q(queries)  # (B, N, H*d)
-        k, v = self.to_kv(kv_input).chunk(2, dim=-1)  # (B, M[+N], H*d) each
         q = q.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, H, N, d)
-        k = k.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
-        v = v.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
+        if kv is not None:
+            k, v = kv
+        elif self.context_includes_queries:
+            kv_input = torch.cat([self.norm_context(context), queries], dim=1)
+            k, v = self.to_kv(kv_input).chunk(2, dim=-1)  # (B, M+N, H*d) each
+            k = k.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
+            v = v.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
+        else:
+            k, v = self.context_kv(context)
         s = 1.0 / math.sqrt(math.sqrt(self.dim_head))
         w = (q * s) @ (k * s).transpose(-2, -1)  # (B, H, N, M)
         w = torch.softmax(w.float(), dim=-1).to(w.dtype)
@@ -168,6 +189,9 @@ class CrossAttentionInjector(Injector):
         """``video_tokens (B, N, dim)``, ``identity_tokens (B, Q, kv_dim)`` -> scaled residual ``(B, N, dim)``."""
         assert index % self.interval == 0, f"block {index} has no injection (interval {self.interval})"
         layer = self.layers[index // self.interval]
+        if isinstance(identity_tokens, IdentityKV):  # keys and values memoised once per video
+            kv = identity_tokens.kv(index, video_tokens.shape[0], video_tokens.dtype, layer.context_kv)
+            return self.scale * layer(None, video_tokens, kv=kv)
         return self.scale * layer(identity_tokens.to(video_tokens.dtype), video_tokens)
 
     def extra_repr(self) -> str:

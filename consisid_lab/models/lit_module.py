@@ -23,9 +23,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from consisid_lab.models import objective
+from consisid_lab.models import objective, train_knobs
 from consisid_lab.models.denoiser import COMPONENTS, IdentityDenoiser
 from consisid_lab.models.divergence import DivergenceGuard, all_finite, check_nan_settings, optimised_parameters
+from consisid_lab.models.knobs import SamplingKnobs
 from consisid_lab.models.trainable import Stage, apply_lora, lr_multiplier, select_parameters, stage_index
 from consisid_lab.types import VideoBatch
 from consisid_lab.utils.faults import DivergenceError
@@ -125,6 +126,7 @@ class IdentityVideoModule(pl.LightningModule):
         stages: list[dict] | None = None,
         lora: DictConfig | dict | None = None,
         init_from: str | None = None,
+        frozen_dtype: str | None = None,
     ) -> None:
         super().__init__()
         # Plain containers only: checkpoints load with weights_only=True and carry their config.
@@ -139,6 +141,7 @@ class IdentityVideoModule(pl.LightningModule):
         self.loss_settings = objective.LossSettings.parse(self.loss_cfg)
         self._warned_cached_posterior = False
         self.sampling_cfg = dict(to_container(sampling))
+        SamplingKnobs.from_config(self.sampling_cfg.get("knobs"))  # unknown or out-of-range knobs: refused now
         self.optimizer_cfg = dict(to_container(optimizer))
 
         from consisid_lab.models.diffusion import make_scheduler
@@ -170,6 +173,10 @@ class IdentityVideoModule(pl.LightningModule):
         selections = [st.trainable for st in self.stages] or [self.trainable_selectors]
         self._optimized = set().union(*(self._select(sel) for sel in selections))
         self._set_trainable(self._select(selections[0]))
+        self.frozen_dtype = train_knobs.frozen_dtype(frozen_dtype)
+        if self.frozen_dtype is not None:
+            cast = train_knobs.cast_frozen(self.denoiser, self._optimized, self.frozen_dtype)
+            log.info("%d frozen backbone parameters stored in %s", len(cast), self.frozen_dtype)
         self.metrics_cfg = to_container(metrics) if metrics is not None else None
         self.benchmark_metrics = None  # built lazily in setup(): needs the evaluator stand-ins
         self.stability = {"max_grad_norm": 0.0, "nan_events": 0}
@@ -393,9 +400,12 @@ class IdentityVideoModule(pl.LightningModule):
             use_dynamic_cfg=bool(self.sampling_cfg.get("use_dynamic_cfg", False)),
             generator=torch.Generator(device="cpu").manual_seed(seed),
             device=self.device,
+            knobs=self.sampling_cfg.get("knobs"),
         )
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            train_knobs.check_frozen_precision(self.frozen_dtype, self.trainer.precision)
         # Measuring instruments, not model parts: kept out of the state dict (a plain attribute).
         if self.benchmark_metrics is None and self.metrics_cfg is not None:
             from consisid_lab.metrics.finite import FiniteSamplesOnly
@@ -520,6 +530,7 @@ class IdentityVideoModule(pl.LightningModule):
         ]
         opt = torch.optim.AdamW(
             param_groups,
+            **train_knobs.adamw_fused_options(cfg.get("fused"), (p for g in param_groups for p in g["params"])),
             lr=base_lr,
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
             weight_decay=float(cfg.get("weight_decay", 0.0)),

@@ -8,14 +8,16 @@ the released pipeline does and calls the same denoiser.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from consisid_lab.models.denoiser import Conditions, IdentityDenoiser
 from consisid_lab.models.diffusion import sample
+from consisid_lab.models.knobs import IdentityKV, SamplingKnobs, StepCache, repeat_batch
+from consisid_lab.models.knobs import applied as knobs_applied
 
 if TYPE_CHECKING:
     from diffusers import CogVideoXDPMScheduler
@@ -40,6 +42,8 @@ def sample_video(
     dtype: torch.dtype | None = None,
     released_cfg_rule: bool = False,
     on_step: Callable[[], None] | None = None,
+    knobs: SamplingKnobs | Mapping[str, Any] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> Tensor:
     """Videos ``(B, F, 3, H, W)`` in [-1, 1] for reference faces ``(B, 3, H, W)`` (keypoints ``(B, 5, 2)``) and
     captions; ``negative`` are the unconditional captions of classifier-free guidance.
@@ -47,7 +51,12 @@ def sample_video(
     Guidance runs for ``guidance_scale != 1`` (a pure function of the scale), or with ``released_cfg_rule`` only
     for ``guidance_scale > 1`` (the released pipelines: a scale <= 1 means no unconditional pass at all).
     ``dtype``: autocast dtype for the network (our checkpoints hold float32 weights; the solver stays float32).
+    ``knobs``: the speed knobs (:class:`~consisid_lab.models.knobs.SamplingKnobs`, or its config mapping), checked
+    against the device before anything runs and undone afterwards. ``stats``: filled with what the knobs did
+    (model calls, steps served from the step cache, identity K/V computations).
     """
+    knobs = SamplingKnobs.from_config(knobs)
+    knobs.check(device)
     device = torch.device(device)
     codec = denoiser.vae
     b = len(captions)
@@ -57,12 +66,27 @@ def sample_video(
     do_cfg = guidance_scale > 1.0 if released_cfg_rule else guidance_scale != 1.0
     uncond = denoiser.encode_text(list(negative)).float() if do_cfg else None
     cond = Conditions(text=text, global_latent=g, identity_tokens=tokens)
+    id_kv = IdentityKV(tokens) if tokens is not None and knobs.identity_kv_cache else None
+    cache = StepCache(knobs.step_cache) if knobs.step_cache is not None else None
+    calls = [0]
 
     def model_fn(x_t: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
-        return denoiser(x_t, t, Conditions(text=inputs["text"], global_latent=g, identity_tokens=tokens))
+        n = x_t.shape[0]  # B, or 2B when the CFG halves are batched
+        branch = "both" if n != b else ("uncond" if inputs["text"] is uncond else "cond")
+        calls[0] += 1
+        return denoiser(
+            x_t,
+            t,
+            Conditions(
+                text=inputs["text"],
+                global_latent=None if g is None else repeat_batch(g, n),
+                identity_tokens=id_kv if id_kv is not None else (None if tokens is None else repeat_batch(tokens, n)),
+            ),
+            step_cache=cache.branch(branch) if cache is not None else None,
+        )
 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and dtype != torch.float32)
-    with autocast:
+    with autocast, knobs_applied(knobs, denoiser, device):
         x0 = sample(
             model_fn,
             shape=(b, f, c, h, w),
@@ -76,5 +100,12 @@ def sample_video(
             device=device,
             dtype=None if dtype is not None else text.dtype,
             on_step=on_step,
+            cfg_batching=knobs.cfg_batching,
         )  # (B, f, C, h, w)
+    if stats is not None:
+        stats.update(
+            model_calls=calls[0],
+            step_cache_hits=cache.hits if cache is not None else 0,
+            identity_kv_computed=id_kv.computed if id_kv is not None else None,
+        )
     return codec.decode(x0.to(text.dtype)).float().clamp(-1, 1)
