@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch / torchvision pinned explicitly: a bare `torch` requirement may pull a different multi-GB build.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,released,fast]'
 	touch $(STAMP)
 
 install: $(STAMP)
