@@ -59,7 +59,7 @@ def test_store_rebuilds_a_stale_codec(tmp_path, caplog) -> None:
     from consisid_lab.encoders.training import Recipe
 
     load_standins(tmp_path, recipe=Recipe.tiny())
-    info_path = tmp_path / "codec" / "config.json"
+    info_path = tmp_path / "tiny" / "codec" / "config.json"
     info = json.loads(info_path.read_text())
     info["key"] = "0" * 64
     info_path.write_text(json.dumps(info))

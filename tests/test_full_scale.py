@@ -91,8 +91,11 @@ def test_bench_gpu_defaults_and_fail_fast_without_cuda(monkeypatch):
 def test_bench_gpu_tiny_cpu_path_reports_both_implementations(capsys):
     bench = _bench_module()
     report = bench.main(["--config", "tiny", "--device", "cpu", "--train-steps", "1", "--sample-steps", "2"])
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == report
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("{"))  # the report follows the per-knob lines
+    printed = json.loads("\n".join(lines[start:]))
+    assert printed == report and "s/step" in "\n".join(lines[:start])
     for key in ("train", "sample"):
         assert report[f"{key}_s_per_step"] > 0 and report[f"{key}_s_per_step_diffusers"] > 0
         assert report[f"{key}_time_ratio"] > 0

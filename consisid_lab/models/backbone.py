@@ -88,6 +88,7 @@ def pool_text(text: Tensor) -> Tensor:
     valid = (text.abs().amax(dim=-1) > 0).to(text.dtype).unsqueeze(-1)  # (B, L, 1)
     return (text * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
 
+
 # The injection sites, declared once: the injector is checked against them, the block call (plain or
 # checkpointed) passes the in-block ones to InjectableBlock by these keyword names, the tests iterate them.
 AFTER_BLOCK = "after_block"  # on the residual stream after the whole block
