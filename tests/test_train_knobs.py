@@ -118,3 +118,30 @@ def test_frozen_backbone_in_bf16_trainable_in_fp32(train_cfg):
         train_knobs.check_frozen_precision(module.frozen_dtype, "32-true")
     with pytest.raises(ValueError, match="frozen_dtype='int8' is unknown"):
         train_knobs.frozen_dtype("int8")
+
+
+def test_training_compile_compiles_every_block_in_place_and_keeps_the_keys(train_cfg, monkeypatch):
+    from torch import nn
+
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append((self, kw)))
+    module = instantiate(train_cfg("model.compile_blocks=true").model)
+    keys = set(module.state_dict())
+    module.setup("fit")
+    blocks = list(module.denoiser.backbone.blocks)
+    assert [m for m, _ in compiled] == blocks and all(kw == {"dynamic": False} for _, kw in compiled)
+    module.setup("fit")  # a second fit stage does not compile twice
+    assert len(compiled) == len(blocks) and set(module.state_dict()) == keys
+
+
+def test_training_compile_and_fp8_are_refused_where_they_cannot_run(train_cfg, monkeypatch):
+    from consisid_lab.models import knobs
+    from consisid_lab.models.knobs import KnobUnavailable
+
+    module = instantiate(train_cfg("model.fp8_training=true").model)
+    with pytest.raises(KnobUnavailable, match="fp8_training=true needs a CUDA GPU.*frozen_dtype=bfloat16"):
+        module.setup("fit")
+    monkeypatch.setattr(knobs.shutil, "which", lambda name: None)  # no C++ compiler on the PATH
+    module = instantiate(train_cfg("model.compile_blocks=true").model)
+    with pytest.raises(KnobUnavailable, match="C\\+\\+ compiler"):
+        module.setup("fit")

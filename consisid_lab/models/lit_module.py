@@ -127,6 +127,8 @@ class IdentityVideoModule(pl.LightningModule):
         lora: DictConfig | dict | None = None,
         init_from: str | None = None,
         frozen_dtype: str | None = None,
+        compile_blocks: bool = False,
+        fp8_training: bool = False,
     ) -> None:
         super().__init__()
         # Plain containers only: checkpoints load with weights_only=True and carry their config.
@@ -173,6 +175,7 @@ class IdentityVideoModule(pl.LightningModule):
         selections = [st.trainable for st in self.stages] or [self.trainable_selectors]
         self._optimized = set().union(*(self._select(sel) for sel in selections))
         self._set_trainable(self._select(selections[0]))
+        self._compiled = self._fp8_done = False
         self.frozen_dtype = train_knobs.frozen_dtype(frozen_dtype)
         if self.frozen_dtype is not None:
             cast = train_knobs.cast_frozen(self.denoiser, self._optimized, self.frozen_dtype)
@@ -406,6 +409,16 @@ class IdentityVideoModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             train_knobs.check_frozen_precision(self.frozen_dtype, self.trainer.precision)
+        if stage == "fit":
+            hp = self.hparams
+            if hp.get("fp8_training") and not self._fp8_done:
+                n = train_knobs.fp8_training(self.denoiser.backbone.blocks, self.device)
+                log.info("FP8 training: %d DiT linears converted (torchao)", n)
+                self._fp8_done = True
+            if hp.get("compile_blocks") and not self._compiled:
+                n = train_knobs.compile_blocks(self.denoiser.backbone.blocks, self.device)
+                log.info("regional compile: %d DiT blocks compiled in place", n)
+                self._compiled = True
         # Measuring instruments, not model parts: kept out of the state dict (a plain attribute).
         if self.benchmark_metrics is None and self.metrics_cfg is not None:
             from consisid_lab.metrics.finite import FiniteSamplesOnly

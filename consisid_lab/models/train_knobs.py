@@ -78,3 +78,52 @@ def check_frozen_precision(dtype: torch.dtype | None, precision: Any) -> None:
             f"model.frozen_dtype={str(dtype).removeprefix('torch.')} needs trainer.precision={wanted} (autocast), "
             f"got {precision!r}; set trainer.precision={wanted} or model.frozen_dtype=null"
         )
+
+
+def compile_blocks(blocks: nn.ModuleList, device: torch.device) -> int:
+    """Regional compile for training: each DiT block compiled in place (``nn.Module.compile``: state-dict keys and
+    checkpoints unchanged), the rest stays eager; one traced block serves all. Refused before anything is compiled
+    where the toolchain is missing (the same checks as ``sampling.knobs.compile``). Returns the blocks compiled."""
+    from consisid_lab.models.knobs import check_compile
+
+    check_compile(device)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
+
+
+def check_fp8_training(device: torch.device) -> None:
+    """FP8 training of the linears needs torchao and a CUDA GPU of compute capability >= 8.9."""
+    import importlib.util
+
+    from consisid_lab.models.knobs import KnobUnavailable
+
+    nearest = "use model.frozen_dtype=bfloat16 with trainer.precision=bf16-mixed, or model.fp8_training=false"
+    if device.type != "cuda":
+        raise KnobUnavailable(
+            f"model.fp8_training=true needs a CUDA GPU of compute capability >= 8.9; on {device.type} {nearest}"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise KnobUnavailable(
+            f"model.fp8_training=true needs compute capability >= 8.9; this GPU has {major}.{minor}: {nearest}"
+        )
+    if importlib.util.find_spec("torchao") is None:
+        raise KnobUnavailable(
+            "model.fp8_training=true needs the `torchao` package (pip install 'consisid_lab[fast]'); without it "
+            + nearest
+        )
+
+
+def fp8_training(blocks: nn.ModuleList, device: torch.device) -> int:
+    """The DiT blocks' linears trained in FP8 through torchao (dynamic scaling); returns the linears converted.
+    Linears whose sizes are not multiples of 16 (FP8 GEMM alignment) stay in high precision."""
+    check_fp8_training(device)
+    from torchao.float8 import convert_to_float8_training
+
+    def eligible(module: nn.Module, _name: str) -> bool:
+        return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    before = sum(isinstance(m, nn.Linear) for m in blocks.modules())
+    convert_to_float8_training(blocks, module_filter_fn=eligible)
+    return before - sum(type(m) is nn.Linear for m in blocks.modules())
