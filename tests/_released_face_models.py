@@ -105,12 +105,13 @@ class TinyArcFace(nn.Module):
         return self.fc(torch.flatten(self.body(x), 1))
 
 
-def _export_arcface(path: Path, seed: int) -> None:
-    torch.manual_seed(seed)
+def export_arcface_onnx(net: nn.Module, path: Path | str) -> None:
+    """``net`` as an insightface recognition ONNX file (input ``data`` 112 x 112, output ``fc1``, dynamic batch)."""
+    # The TorchScript exporter needs no onnxscript (absent here); torch flags it as deprecated.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            TinyArcFace().eval(),
+            net,
             torch.zeros(1, 3, 112, 112),
             str(path),
             dynamo=False,
@@ -118,6 +119,11 @@ def _export_arcface(path: Path, seed: int) -> None:
             output_names=["fc1"],
             dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}},
         )
+
+
+def _export_arcface(path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    export_arcface_onnx(TinyArcFace().eval(), path)
 
 
 def _fake_scrfd(path: Path, faces: dict[str, tuple[int, int, float]]) -> None:

@@ -40,6 +40,24 @@ def standin_cache(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_cogvideox_vae(latent_channels: int, height: int, width: int):
+    """A randomly initialised CogVideoX VAE of 8-channel blocks (call under a fixed seed for fixed weights)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
+        block_out_channels=(8, 8, 8),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+        sample_height=height,
+        sample_width=width,
+        scaling_factor=0.7,
+    )
+
+
 def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path, tiny: bool = True):
     """Compose `conf/train.yaml` as the CLI would, with Hydra's runtime config set (output dir = output_dir)."""
     from hydra import compose, initialize_config_dir

@@ -14,17 +14,9 @@ from test_export import _vae_and_t5
 from test_real_data import tiny_clip  # noqa: F401  (fixture)
 
 from consisid_lab.models.denoiser import IdentityDenoiser, build_denoiser
+from consisid_lab.utils.run import COMPONENT_GROUPS
 
-GROUPS = (
-    "backbone",
-    "vae",
-    "text_encoder",
-    "keypoint_renderer",
-    "global_encoder",
-    "local_encoder",
-    "fuser",
-    "injector",
-)
+GROUPS = COMPONENT_GROUPS  # every model component group a run records
 VARIANTS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / "model" / g).glob("*.yaml"))]
 BASES = {"default": [], "consisid_preview": ["model=consisid_preview"]}
 # Variants each base picks (the tiny sizes below depend on the chosen variant, so group-specific keys never reach

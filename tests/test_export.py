@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, TINY_OVERRIDES
+from conftest import CONF, TINY_OVERRIDES, tiny_cogvideox_vae
 from test_denoiser import CONSISID_TINY, _randomise
 
 FRAMES, SIZE = 9, 32  # the tiny VAE: x4 spatial, x4 temporal -> 3 latent frames of 8 x 8
@@ -18,22 +18,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*:FutureWarning")
 
 
 def _vae_and_t5(root: Path) -> None:
-    from diffusers import AutoencoderKLCogVideoX
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     torch.manual_seed(0)
-    vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 3,
-        up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(8, 8, 8),
-        latent_channels=LATENT_C,
-        layers_per_block=1,
-        norm_num_groups=4,
-        temporal_compression_ratio=4,
-        sample_height=SIZE,
-        sample_width=SIZE,
-        scaling_factor=0.7,
-    )
+    vae = tiny_cogvideox_vae(LATENT_C, SIZE, SIZE)
     vae.save_pretrained(root / "vae")
     words = ["a", "person", "smiles", "at", "the", "camera", "face", "with", "light", "dark", "skin"]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]

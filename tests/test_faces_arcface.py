@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ from torch import nn
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("insightface")
+
+from _released_face_models import export_arcface_onnx  # noqa: E402
 
 from consisid_lab.faces.analysis import align_face  # noqa: E402
 from consisid_lab.faces.arcface import InsightFaceArcFace, penultimate_tensor  # noqa: E402
@@ -57,29 +58,10 @@ def tiny():
     return net.eval()
 
 
-def _export(net: nn.Module, path) -> None:
-    # The TorchScript exporter needs no onnxscript (absent here); torch flags it as deprecated.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        _export_quiet(net, path)
-
-
-def _export_quiet(net: nn.Module, path) -> None:
-    torch.onnx.export(
-        net,
-        torch.zeros(1, 3, 112, 112),
-        str(path),
-        dynamo=False,
-        input_names=["data"],
-        output_names=["fc1"],
-        dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}},
-    )
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("antelopev2")
-    _export(tiny, d / "glintr100.onnx")
+    export_arcface_onnx(tiny, d / "glintr100.onnx")
     return d
 
 
@@ -132,7 +114,7 @@ def test_renamed_graph_still_finds_the_map(tiny, tmp_path):
     """Node and tensor names differ between exports; the map is found by structure."""
     d = tmp_path / "pack"
     d.mkdir()
-    _export(tiny, tmp_path / "orig.onnx")
+    export_arcface_onnx(tiny, tmp_path / "orig.onnx")
     model = onnx.load(str(tmp_path / "orig.onnx"))
     keep = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
     rename = {}
@@ -263,7 +245,7 @@ def _fake_scrfd(path) -> dict[str, np.ndarray]:
 def test_insightface_detector_and_face_policy(tiny, tmp_path):
     d = tmp_path / "antelopev2"
     d.mkdir()
-    _export(tiny, d / "glintr100.onnx")
+    export_arcface_onnx(tiny, d / "glintr100.onnx")
     expected = _fake_scrfd(d / "scrfd_10g_bnkps.onnx")
     image = np.full((DET, DET, 3), 128, np.uint8)  # the fake detector ignores pixels
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cogvideox_vae
 from torch import nn
 
 from consisid_lab.faces.analysis import NoFaceError
@@ -88,7 +89,7 @@ def _transformer_config(**overrides) -> dict:
 
 
 def _tiny_pipeline(**config):
-    from diffusers import AutoencoderKLCogVideoX, ConsisIDPipeline, ConsisIDTransformer3DModel
+    from diffusers import ConsisIDPipeline, ConsisIDTransformer3DModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     from consisid_lab.models.diffusion import make_scheduler
@@ -98,18 +99,7 @@ def _tiny_pipeline(**config):
     with torch.no_grad():  # every parameter random (diffusers zero-initialises some): no path is vacuously equal
         for p in transformer.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-    vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 3,
-        up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(8, 8, 8),
-        latent_channels=LATENT_C,
-        layers_per_block=1,
-        norm_num_groups=4,
-        temporal_compression_ratio=4,
-        sample_height=HEIGHT,
-        sample_width=WIDTH,
-        scaling_factor=0.7,
-    ).eval()
+    vae = tiny_cogvideox_vae(LATENT_C, HEIGHT, WIDTH).eval()
     words = ["a", "person", "smiles", "at", "the", "camera", "walks", "in", "park"]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)

@@ -272,7 +272,7 @@ def consisid_config(model) -> dict[str, Any]:
     backbone, fuser, injector = model.backbone, model.fuser, model.backbone.injector
     cfg = {k: v for k, v in backbone.config.items() if k in _BACKBONE_KEYS}
     inner = backbone.inner_dim
-    if getattr(backbone, "pooled_text_proj", None) is not None:
+    if backbone.pooled_text_proj is not None:
         raise NotExpressibleError(
             "model.backbone.pooled_text=true adds a pooled-caption route to the time embedding that ConsisID does "
             "not have; train with model.backbone.pooled_text=false to export"

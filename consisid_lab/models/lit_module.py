@@ -175,7 +175,8 @@ class IdentityVideoModule(pl.LightningModule):
         selections = [st.trainable for st in self.stages] or [self.trainable_selectors]
         self._optimized = set().union(*(self._select(sel) for sel in selections))
         self._set_trainable(self._select(selections[0]))
-        self._compiled = self._fp8_done = False
+        self.compile_blocks, self.fp8_training = bool(compile_blocks), bool(fp8_training)
+        self._compiled = self._fp8_done = False  # applied once, at the first fit setup
         self.frozen_dtype = train_knobs.frozen_dtype(frozen_dtype)
         if self.frozen_dtype is not None:
             cast = train_knobs.cast_frozen(self.denoiser, self._optimized, self.frozen_dtype)
@@ -410,12 +411,11 @@ class IdentityVideoModule(pl.LightningModule):
         if stage == "fit" and self._trainer is not None:
             train_knobs.check_frozen_precision(self.frozen_dtype, self.trainer.precision)
         if stage == "fit":
-            hp = self.hparams
-            if hp.get("fp8_training") and not self._fp8_done:
+            if self.fp8_training and not self._fp8_done:
                 n = train_knobs.fp8_training(self.denoiser.backbone.blocks, self.device)
                 log.info("FP8 training: %d DiT linears converted (torchao)", n)
                 self._fp8_done = True
-            if hp.get("compile_blocks") and not self._compiled:
+            if self.compile_blocks and not self._compiled:
                 n = train_knobs.compile_blocks(self.denoiser.backbone.blocks, self.device)
                 log.info("regional compile: %d DiT blocks compiled in place", n)
                 self._compiled = True

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from consisid_lab.models.published import CompositionMismatchError, composition_mismatches
+from consisid_lab.models.published import CompositionMismatchError, composition_mismatches, materialise_buffers
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +121,6 @@ def load_into(
         raise RuntimeError(f"weights not loaded: {[n for n in left if n in persistent][:_LISTED]}")
 
 
-def materialise_buffers(transformer: nn.Module) -> None:
-    """Non-persistent buffers (the sin-cos position table without learned positions) are computed, not loaded."""
-    cfg = transformer.config
-    for name, buf in list(transformer.named_buffers()):
-        if not buf.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = transformer.get_submodule(owner_name)
-        if attr != "pos_embedding":
-            raise RuntimeError(f"buffer {name!r} is neither in the checkpoint nor computable")
-        with torch.device("cpu"):
-            table = owner._get_positional_embeddings(cfg.sample_height, cfg.sample_width, cfg.sample_frames)
-        owner.register_buffer(attr, table, persistent=False)
-
-
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
@@ -184,7 +169,7 @@ def load_published_transformer(denoiser: nn.Module, root: str | Path) -> Path:
     params = dict(denoiser.named_parameters())
     dtypes = {k: params[k].dtype for k in state if k in params}
     load_into(denoiser, files, diffusers_to_ours, dtypes)
-    materialise_buffers(denoiser.backbone.transformer)
+    materialise_buffers(denoiser.backbone.transformer, denoiser.backbone.transformer.config)
     log.info(
         "initialised the fuser, backbone and injector from %s (%d weights in %d files)", folder, len(state), len(files)
     )
@@ -226,6 +211,6 @@ def load_cogvideox_backbone(transformer: nn.Module, path: str | Path) -> Path:
     check_weights(folder, {k: tuple(v.shape) for k, v in state.items()}, shapes, "this backbone")
     params = dict(transformer.named_parameters())
     load_into(transformer, files, lambda k: k, {k: p.dtype for k, p in params.items()})
-    materialise_buffers(transformer)
+    materialise_buffers(transformer, transformer.config)
     log.info("initialised the backbone from %s (%d weights in %d files)", folder, len(state), len(files))
     return folder

@@ -337,22 +337,22 @@ def load_denoiser(
             f"{[ours_to_diffusers(k) for k in unexpected[:5]]}"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    _materialise_buffers(model)
+    materialise_buffers(model, model.backbone.transformer.config)
     return model.eval().requires_grad_(False)
 
 
-def _materialise_buffers(model: IdentityDenoiser) -> None:
-    """Buffers outside the state dict (the sin-cos position table without learned positions) are computed."""
-    for name, buf in list(model.named_buffers()):
+def materialise_buffers(module: torch.nn.Module, config: Any) -> None:
+    """Buffers of ``module`` left on the meta device after a load (the sin-cos position table without learned
+    positions, outside the state dict) are computed from the transformer ``config``; any other one is an error."""
+    for name, buf in list(module.named_buffers()):
         if not buf.is_meta:
             continue
         owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
+        owner = module.get_submodule(owner_name)
         if attr != "pos_embedding":
             raise RuntimeError(f"buffer {name!r} is neither in the checkpoint nor computable")
-        cfg = model.backbone.transformer.config
         with torch.device("cpu"):
-            table = owner._get_positional_embeddings(cfg.sample_height, cfg.sample_width, cfg.sample_frames)
+            table = owner._get_positional_embeddings(config.sample_height, config.sample_width, config.sample_frames)
         owner.register_buffer(attr, table, persistent=False)
 
 
