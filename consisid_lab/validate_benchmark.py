@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--cache-dir",
         type=Path,
         default=None,
-        help="stand-in cache (default: $CONSISID_LAB_CACHE or ~/.cache/consisid_lab/standins)",
+        help="stand-in cache (default: $CONSISID_LAB_CACHE/standins or ~/.cache/consisid_lab/standins)",
     )
     parser.add_argument("--rebuild", action="store_true", help="rebuild every stand-in even when cached")
     parser.add_argument("--pairs", type=int, default=200, help="held-out test identities (positive pairs) per figure")

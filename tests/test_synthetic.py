@@ -269,6 +269,23 @@ def test_caption_speaks_of_non_identity_content_only() -> None:
         assert identity_word not in text
 
 
+def test_caption_names_the_rendered_background_colour_first() -> None:
+    """The caption determines the background: its colour word (5th) names the palette colour the corners show."""
+    from consisid_lab.data.synthetic import _COLOUR_NAMES, colour_name
+
+    hits = 0
+    for seed in range(40):
+        clip = make_clip(CFG, 1, 100 + seed)
+        words = clip.caption.split()
+        assert words[:4] == ["In", "front", "of", "a"] and words[4] == "plain", clip.caption
+        name = " ".join(words[5:7]) if words[6] not in ("background", "background,") else words[5]
+        assert name in _COLOUR_NAMES, clip.caption
+        corners = clip.frames[0][[0, 0, -1, -1], [0, -1, 0, -1]]  # (4, 3) pixels away from the head
+        hits += colour_name(corners.mean(axis=0)) == name
+    # gradient, lighting-free background and the faint pattern keep the corner mean near the named colour
+    assert hits >= 36, hits
+
+
 # ------------------------------------------------------------------------------------ identity families
 
 

@@ -46,7 +46,7 @@ from consisid_lab.data.spectral_filters import radial_frequency
 logger = logging.getLogger(__name__)
 
 # Bump when the rendered pixels change for the same (config, seeds): cached clips are keyed on it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "encoder", "evaluator")
 SPLIT_CAPACITY = 10**7  # identities per split; split k owns seeds [k * 10**7, (k + 1) * 10**7)
@@ -585,9 +585,12 @@ def _sample_motion(rng: np.random.Generator, n: int, seed: int, *, reference: bo
     tone = ("neutral", "warm", "cool")[tint_kind]
     tags["lighting"] = f"soft {tone} light from the {_light_phrase(light[0, 0], light[0, 1])}"
 
-    # Background: a gentle gradient plus a faint low-frequency pattern (<= 3 cycles per L, radius < 0.1)
-    c0 = rng.uniform(0.15, 0.9, size=3)
-    c1 = np.clip(c0 + rng.uniform(-0.18, 0.18, size=3), 0.0, 1.0)
+    # Background: a palette colour (the one the caption names) with a little jitter, a gentle gradient and a faint
+    # low-frequency pattern (<= 3 cycles per L, radius < 0.1). Drawn from the palette, not uniformly, so that the
+    # caption determines it: the nearest name of a uniform colour left most of its variance unexplained.
+    bg_name = _COLOUR_KEYS[int(rng.integers(len(_COLOUR_KEYS)))]
+    c0 = np.clip(np.asarray(_COLOUR_NAMES[bg_name]) + rng.uniform(-0.04, 0.04, size=3), 0.0, 1.0)
+    c1 = np.clip(c0 + rng.uniform(-0.08, 0.08, size=3), 0.0, 1.0)
     if reference:  # rendered on white, so whitening outside the head leaves no background fringe
         c0 = c1 = np.ones(3)
     bg_angle = rng.uniform(0, 2 * math.pi)
@@ -597,7 +600,7 @@ def _sample_motion(rng: np.random.Generator, n: int, seed: int, *, reference: bo
     )
     if reference:
         bg_texture[0] = 0.0
-    tags["background"] = f"a plain {colour_name((c0 + c1) / 2)} background" + (
+    tags["background"] = f"a plain {bg_name} background" + (
         " with a faint pattern" if bg_texture[0] > 0.025 else ""
     )
     cloth = rng.uniform(0.1, 0.9, size=3)
@@ -662,11 +665,13 @@ def _sample_motion(rng: np.random.Generator, n: int, seed: int, *, reference: bo
 def caption_for(motion: MotionParams) -> str:
     """Caption of the non-identity content only (pose, expression, lighting, background, clothing, camera)."""
     tg = motion.tags
-    parts = [f"A person {tg.get('pose', 'faces the camera')}"]
+    # The background comes first, so its colour word sits at the same position in every caption (the fifth word,
+    # or the fifth and sixth), apart from the clothing's colour word.
+    parts = [f"In front of {tg['background']}, a person {tg.get('pose', 'faces the camera')}"]
     if "expression" in tg:
         parts[0] += f" and {tg['expression']}"
     parts[0] += f", {tg['clothing']}."
-    parts.append(f"The face is lit by {tg['lighting']}, in front of {tg['background']}.")
+    parts.append(f"The face is lit by {tg['lighting']}.")
     if "camera" in tg:
         parts.append(tg["camera"][0].upper() + tg["camera"][1:] + ".")
     return " ".join(parts)

@@ -72,9 +72,10 @@ class EntrySpec:
 
 
 def default_cache_dir() -> Path:
-    """``$CONSISID_LAB_CACHE`` or ``~/.cache/consisid_lab/standins``."""
+    """``$CONSISID_LAB_CACHE/standins`` or ``~/.cache/consisid_lab/standins``: ``paths.standin_dir`` of
+    conf/paths/default.yaml, so the CLIs and direct calls share one build."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "consisid_lab" / "standins"
+    return (Path(env) if env else Path.home() / ".cache" / "consisid_lab") / "standins"
 
 
 def recipe_dir(cache_dir: str | Path | None, recipe_name: str) -> Path:
