@@ -5,7 +5,7 @@
 ``SWEEP_DIR`` is a Hydra multirun directory (``multirun/<date>/<time>/``, or any folder above job dirs): every
 folder holding ``.hydra/config.yaml`` is one run. A row is one experiment *plus* the overrides its runs were
 trained with (``metrics.json`` ``overrides``: ``-m model/fuser=perceiver,mlp`` gives two rows), labelled by the
-experiment and the overrides that differ within the sweep: ``full [model/fuser=mlp]``. Runs measured with
+experiment and the overrides in which that experiment's rows differ: ``full [model/fuser=mlp]``. Runs measured with
 different stand-in encoders (``benchmark.version``) are refused, never averaged. Writes to ``--out`` (default:
 ``SWEEP_DIR``):
 
@@ -119,14 +119,17 @@ def check_benchmark(runs: list[RunInfo], sweep_dir: Path) -> None:
 
 
 def row_labels(runs: list[RunInfo]) -> dict[tuple[str, tuple[str, ...]], str]:
-    """Label of each (experiment, overrides) key: the experiment plus the overrides not shared by every run."""
+    """Label of each (experiment, overrides) key: the experiment, plus the overrides in which its rows differ
+    (``full [model/fuser=mlp]``); an experiment with one set of overrides is labelled by its name alone."""
     keys = list(dict.fromkeys((r.experiment, tuple(r.row_overrides)) for r in runs))
-    common = set(keys[0][1]).intersection(*(set(k[1]) for k in keys[1:])) if keys else set()
     labels = {}
-    for experiment, overrides in keys:
-        shown = [o for o in overrides if o not in common]
-        labels[(experiment, overrides)] = f"{experiment} [{' '.join(shown)}]" if shown else experiment
-    if len(set(labels.values())) < len(labels):  # e.g. one run with no override, one with the common one
+    for experiment in dict.fromkeys(k[0] for k in keys):
+        own = [k for k in keys if k[0] == experiment]
+        common = set(own[0][1]).intersection(*(set(k[1]) for k in own[1:]))
+        for key in own:
+            shown = [o for o in key[1] if o not in common]
+            labels[key] = f"{experiment} [{' '.join(shown)}]" if shown else experiment
+    if len(set(labels.values())) < len(labels):  # the same overrides in another order: name them all
         labels = {k: f"{k[0]} [{' '.join(k[1])}]" if k[1] else k[0] for k in keys}
     return labels
 
