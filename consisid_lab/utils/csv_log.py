@@ -31,10 +31,12 @@ class ContinuingCSVLogger(CSVLogger):
     The train task calls :meth:`continue_from` with the checkpoint's step ``k`` before anything is logged. The
     previous log's rows of steps ``<= k`` (from this run's own file, or from the checkpoint's run when it resumes
     into a new directory) are carried over; rows of later steps belong to the continuation the resume replaces
-    and are dropped. A carried cell that the resumed run logs again (same step, same key: the training step
-    ``k`` itself) is dropped too, so every (step, key) appears once; carried rows are written at the first save
-    once the resumed run has logged past their step. The buffer is also flushed whenever a checkpoint is saved,
-    so a killed run's file holds every step up to its last checkpoint.
+    and are dropped. Rows of steps ``< k`` are written back as soon as the writer starts (so a resumed run
+    killed before its first flush still has them); a carried cell of step ``k`` that the resumed run logs again
+    (the training step ``k`` itself) is dropped, the others (what the validation before the checkpoint logged at
+    ``k``) are written once the resumed run has logged past ``k``, so every (step, key) appears once. The buffer
+    is also flushed whenever a checkpoint is saved, so a killed run's file holds every step up to its last
+    checkpoint.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -42,6 +44,7 @@ class ContinuingCSVLogger(CSVLogger):
         self._carried: list[dict[str, str]] = []  # previous rows not yet written
         self._relogged: set[tuple[int, str]] = set()  # (step, key) the resumed run logged while rows are carried
         self._newest_step = -1
+        self._resume_step: int | None = None
 
     @property
     def metrics_file(self) -> Path:
@@ -59,8 +62,19 @@ class ContinuingCSVLogger(CSVLogger):
         if not source.is_file():
             return 0
         self._carried = [r for r in read_rows(source) if "step" in r and int(float(r["step"])) <= step]
+        self._resume_step = step
         log.info("CSV log: carrying %d rows of steps <= %d over from %s", len(self._carried), step, source)
         return len(self._carried)
+
+    @property
+    def experiment(self) -> Any:  # Lightning's writer, or its dummy on non-zero ranks
+        created = self._experiment is None
+        experiment = super().experiment
+        if created and self._experiment is not None and self._carried and self._resume_step is not None:
+            # The writer has just deleted the previous file: put the steps before the resume back at once.
+            self._release_carried(self._resume_step - 1)
+            self._experiment.save()
+        return experiment
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self._carried and step is not None:
