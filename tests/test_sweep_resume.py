@@ -85,7 +85,7 @@ def test_rerunning_a_sweep_skips_completed_resumes_unfinished_and_starts_missing
     sweep = tmp_path / "sweep"
     first = _sweep(sweep, standin_cache, "0,1,2")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stderr.count(": starting") == 3, first.stderr[-3000:]
+    assert (first.stdout + first.stderr).count(": starting") == 3, first.stdout[-3000:]
     # member 1 was killed after its last checkpoint; member 2 never got to write anything
     record = json.loads((sweep / "1" / "metrics.json").read_text())
     (sweep / "1" / "metrics.json").write_text(json.dumps({**record, "status": "crashed", "metrics": {}}))
@@ -94,9 +94,9 @@ def test_rerunning_a_sweep_skips_completed_resumes_unfinished_and_starts_missing
         subprocess.run(["rm", "-rf", str(target)], check=True)
     again = _sweep(sweep, standin_cache, "0,1,2")
     assert again.returncode == 0, again.stderr[-3000:]
-    err = again.stderr
+    err = again.stdout + again.stderr  # Hydra's console log goes to stdout
     assert "member 0 (" in err and "seed=0): completed, skipped" in err
-    assert f"member 1 (" in err and f"resuming from {sweep / '1' / 'checkpoints' / 'last.ckpt'} at step 2" in err
+    assert "member 1 (" in err and f"resuming from {sweep / '1' / 'checkpoints' / 'last.ckpt'} at step 2" in err
     assert "seed=2): starting" in err
     assert "1 skipped, 1 resumed, 1 started; now completed: 3" in err
     statuses = Counter(json.loads((sweep / m / "metrics.json").read_text())["status"] for m in "012")
@@ -104,5 +104,5 @@ def test_rerunning_a_sweep_skips_completed_resumes_unfinished_and_starts_missing
     assert json.loads((sweep / "1" / "metrics.json").read_text())["resumed_at_step"] == 2
     # a changed sweep would put other configs into the same member dirs: refused before anything runs
     changed = _sweep(sweep, standin_cache, "5,1,2")
-    assert changed.returncode != 0 and "holds a run of other overrides" in changed.stderr
-    assert "hydra.sweep.dir" in changed.stderr
+    said = changed.stdout + changed.stderr
+    assert changed.returncode != 0 and "holds a run of other overrides" in said and "hydra.sweep.dir" in said
