@@ -49,6 +49,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = instantiate(cfg.get("callbacks"))
         record.loggers = instantiate(cfg.get("logger")) or []
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=record.loggers)
+        if ckpt_path is not None:
+            record.resume_from(ckpt_path)  # before anything is logged: the CSV log keeps its earlier steps
         log_config(record.loggers, cfg)
         record.set_components(cfg)
 

@@ -118,7 +118,9 @@ def test_resume_reproduces_the_loss_curve(tmp_path, standin_cache):
     )
     train(resumed)
     uninterrupted, continued = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(continued) == [3, 4, 5], "the resumed run continues the global step"
+    # the resumed run continues the global step; its CSV log starts with the first run's steps
+    assert sorted(continued) == [0, 1, 2, 3, 4, 5]
+    assert {s: v for s, v in continued.items() if s < 3} == _losses(tmp_path / "first")
     for step in continued:
         assert continued[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7)
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)

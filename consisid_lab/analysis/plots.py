@@ -106,3 +106,44 @@ def plot_curves(
         else:
             ax.legend(fontsize=7)
     return fig
+
+
+VERDICT_COLORS = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
+
+
+def plot_forest(
+    labels: Sequence[str],
+    means: Sequence[float],
+    lows: Sequence[float],
+    highs: Sequence[float],
+    mdes: Sequence[float],
+    verdicts: Sequence[str],
+    metrics: Sequence[str],
+) -> Figure:
+    """Forest plot of paired differences (treatment - control), one panel per claim since claims differ in
+    metric and scale: the mean with its 95% interval, 0 as a dashed line, ±MDE as a grey band (effects inside it
+    are below what the seeds can detect), coloured by verdict."""
+    n = len(labels)
+    if n == 0:
+        raise ValueError("plot_forest needs at least one comparison")
+    fig = new_figure(7.5, 0.9 * n + 0.8)
+    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
+    for ax, label, mean, low, high, mde, verdict, metric in zip(
+        axes, labels, means, lows, highs, mdes, verdicts, metrics
+    ):
+        color = VERDICT_COLORS.get(verdict, "black")
+        if math.isfinite(mde):
+            ax.axvspan(-mde, mde, color="0.9", zorder=0)
+        ax.axvline(0.0, color="0.3", linestyle="--", linewidth=0.8)
+        if math.isfinite(low) and math.isfinite(high):
+            ax.errorbar([mean], [0], xerr=[[mean - low], [high - mean]], fmt="o", color=color, capsize=4)
+        else:
+            ax.plot([mean], [0], "o", color=color)
+        finite = [v for v in (low, high, mean, mde, -mde) if math.isfinite(v)]
+        span = max(abs(v) for v in finite) if finite else 1.0
+        ax.set_xlim(-1.15 * span or -1, 1.15 * span or 1)
+        ax.set_yticks([])
+        ax.set_title(f"{label}  [{metric}: {verdict}]", fontsize=8, loc="left", color=color)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1].set_xlabel("paired difference, treatment - control (95% bootstrap CI; grey: ±MDE)", fontsize=8)
+    return fig

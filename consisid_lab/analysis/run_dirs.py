@@ -6,7 +6,14 @@ A run dir holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (written by
     {"experiment": "full", "seed": 0, "status": "completed" | "failed" | "diverged" | "crashed" | "running",
      "error": null | "text", "errors": [{"source": "BenchmarkMetrics", "message": "...", "time": ...}],
      "wall_time_s": 123.4, "metrics": {"test/facesim": 0.7, ...}, "stability": {"max_grad_norm": 3.1, ...},
-     "components": {...}, "pid": 1234, "host": "node1", "heartbeat": 1767000000.0}
+     "components": {...}, "overrides": ["model/fuser=mlp", ...], "resumed_at_step": null | 300,
+     "benchmark": {"version": "<16 hex>", "recipe": "default", "entries": {"identity_net": "<16 hex>", ...}},
+     "pid": 1234, "host": "node1", "heartbeat": 1767000000.0}
+
+``overrides`` are the task overrides that define what the run trains (``consisid_lab.utils.run.
+recorded_overrides``: everything but the seed, the experiment, paths, loggers, resume and Hydra settings); a
+record without them (older runs) falls back on the same filter applied to ``.hydra/overrides.yaml``.
+``benchmark.version`` identifies the stand-in encoders the run was measured with.
 
 ``diverged`` adds ``diverged_at_step`` and ``last_good_checkpoint``; ``crashed`` (written by the sweep launcher
 when the member's process died) adds ``exit_code``, ``signal`` and ``native_trace``. A ``running`` record whose
@@ -24,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consisid_lab.analysis.curves import IDENTITY_GAP_AUC, IDENTITY_GAP_KEY, csv_log, normalised_area, read_curves
 from consisid_lab.utils.faults import iso_time, pid_alive
+from consisid_lab.utils.run import recorded_overrides
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -53,6 +62,8 @@ class RunInfo:
     values: dict[str, float] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # named failures the run reported (``errors``)
+    row_overrides: list[str] = field(default_factory=list)  # what the run trains beyond its experiment
+    benchmark_version: str | None = None  # stand-in hashes (``benchmark.version`` in metrics.json)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -151,6 +162,14 @@ def read_run(path: Path) -> RunInfo:
             values[key] = v
     if (v := _numeric(data.get("wall_time_s"))) is not None:
         values["wall_time_s"] = v
+    if (log_file := csv_log(path)) is not None:
+        gap = read_curves(log_file, [IDENTITY_GAP_KEY]).get(IDENTITY_GAP_KEY)
+        if gap is not None:
+            values[IDENTITY_GAP_AUC] = normalised_area(gap)
+    recorded = data.get("overrides")
+    row_overrides = [str(o) for o in recorded] if isinstance(recorded, list) else recorded_overrides(overrides)
+    benchmark = data.get("benchmark")
+    version = benchmark.get("version") if isinstance(benchmark, dict) else None
     failures = [f"{e.get('source')}: {e.get('message')}" for e in (data.get("errors") or []) if isinstance(e, dict)]
     return RunInfo(
         path=path,
@@ -161,6 +180,8 @@ def read_run(path: Path) -> RunInfo:
         values=values,
         overrides=overrides,
         failures=failures,
+        row_overrides=row_overrides,
+        benchmark_version=str(version) if version else None,
     )
 
 
@@ -182,13 +203,14 @@ def _running_or_died(data: dict[str, Any], path: Path) -> tuple[str, str]:
     return "running", f"still running (pid {pid} on {host}); {last}"
 
 
-def run_cli(produce: Callable[[], list[Path]]) -> int:
-    """Shared tail of the `analyze` / `report` commands: log the written files, or the error with exit code 2."""
+def run_cli(produce: Callable[[], list[Path]], errors: tuple[type[Exception], ...] = ()) -> int:
+    """Shared tail of the `analyze` / `report` commands: log the written files, or the error with exit code 2
+    (``RunDirError`` and the command's own input errors, ``errors``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("consisid_lab")
     try:
         paths = produce()
-    except RunDirError as exc:
+    except (RunDirError, *errors) as exc:
         log.error("error: %s", exc)
         return 2
     for p in paths:

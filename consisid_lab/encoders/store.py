@@ -224,6 +224,28 @@ def load_entry(spec: EntrySpec, entry_dir: Path, key: str) -> tuple[nn.Module, d
     return module.eval(), info
 
 
+def standin_fingerprint(cache_dir: str | Path | None, recipe_name: str) -> dict | None:
+    """The benchmark version a run measured with: the stand-in entries of one recipe folder, by their checksums.
+
+    ``{"version": <16 hex>, "recipe": name, "entries": {entry: <weights sha256, 16 hex>}}``, where ``version``
+    hashes every entry's key (architecture, recipe, generator config and source) and weights checksum; None when
+    the folder holds no entry (a run that used no stand-ins). Reads the entries' ``config.json`` only.
+    """
+    folder = recipe_dir(cache_dir, recipe_name)
+    infos: dict[str, dict] = {}
+    for name in ENTRIES:
+        try:
+            infos[name] = json.loads((folder / name / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+    if not infos:
+        return None
+    identity = {n: [i.get("key"), i.get("weights_sha256")] for n, i in sorted(infos.items())}
+    version = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    entries = {n: str(i.get("weights_sha256") or "")[:16] for n, i in sorted(infos.items())}
+    return {"version": version, "recipe": recipe_name, "entries": entries}
+
+
 def build_threads() -> int:
     """Intra-op threads for a build: ``BUILD_THREADS``, or 1 when other work already keeps the cores busy.
 

@@ -114,6 +114,64 @@ def component_names(cfg: DictConfig) -> dict[str, str]:
     return names
 
 
+# Overrides that say where or how a run is recorded, not what it trains: never part of a report row's key.
+BOOKKEEPING_OVERRIDES = ("seed", "ckpt_path", "experiment", "experiment_name", "tags", "task_name", "optimized_metric")
+BOOKKEEPING_PREFIXES = ("paths", "hydra", "logger", "callbacks.progress")
+
+
+def recorded_overrides(overrides: list[str]) -> list[str]:
+    """The task overrides that define what a run trains (``model/fuser=mlp``, ``model.lr=...``, ``data.*``, ...):
+    all of them but the seed, the experiment (recorded on its own), paths, checkpoints to resume, loggers and
+    Hydra's own settings (``BOOKKEEPING_OVERRIDES`` / ``BOOKKEEPING_PREFIXES``). A report keys its rows by the
+    experiment plus these, so runs that differ in any of them are never averaged together."""
+    kept = []
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if key in BOOKKEEPING_OVERRIDES:
+            continue
+        if any(key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in BOOKKEEPING_PREFIXES):
+            continue
+        kept.append(item)
+    return kept
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def benchmark_fingerprint(cfg: DictConfig) -> dict | None:
+    """The stand-in hashes of the recipe this run used (``consisid_lab.encoders.store.standin_fingerprint``)."""
+    from consisid_lab.encoders.store import standin_fingerprint
+
+    paths = cfg.get("paths") or {}
+    if not paths.get("standin_dir"):
+        return None
+    return standin_fingerprint(str(paths.standin_dir), str(cfg.get("standins_recipe", "default")))
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The ``global_step`` a training checkpoint was saved at (memory-mapped: tensors are not read)."""
+    from consisid_lab.utils.checkpoints import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except Exception:  # noqa: BLE001 - a checkpoint that does not load has no step to report
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    return int(step) if isinstance(step, int) else None
+
+
+def checkpoint_run_dir(path: str | Path) -> Path:
+    """The run directory a checkpoint file belongs to (the folder above ``checkpoints/``, else its folder)."""
+    p = Path(path).resolve()
+    return p.parent.parent if p.parent.name == CHECKPOINT_DIR else p.parent
+
+
 @dataclass
 class RunRecord:
     """``metrics.json`` of a run: written at start (``running``, then a heartbeat every
@@ -126,6 +184,8 @@ class RunRecord:
     seed: int
     started: float
     components: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # ``recorded_overrides`` of the task's overrides
+    benchmark: dict | None = None  # ``benchmark_fingerprint``: the stand-ins this run measured with
     metrics: dict[str, float] = field(default_factory=dict)
     stability: dict[str, float] = field(default_factory=dict)
     train_time_s: float | None = None
@@ -146,6 +206,7 @@ class RunRecord:
             experiment=str(cfg.get("experiment_name")),
             seed=int(cfg.get("seed", 0)),
             started=time.time(),
+            overrides=recorded_overrides(task_overrides()),
         )
         OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
         rec.write("running")
@@ -167,7 +228,18 @@ class RunRecord:
             self._heartbeat.join()
 
     def set_components(self, cfg: DictConfig) -> None:
+        """Record the chosen component variants and the benchmark version (once the stand-ins are built)."""
         self.components = component_names(cfg)
+        self.benchmark = benchmark_fingerprint(cfg)
+
+    def resume_from(self, ckpt_path: str) -> None:
+        """Record that the run continues ``ckpt_path`` and carry the CSV log's earlier steps into it."""
+        from consisid_lab.utils.csv_log import continue_logs
+
+        step = checkpoint_step(ckpt_path)
+        self.extra.update(resumed_from=str(ckpt_path), resumed_at_step=step)
+        if step is not None:
+            continue_logs(self.loggers, step, self.path.parent, checkpoint_run_dir(ckpt_path))
 
     def finish(self, callback_metrics: dict[str, Any], stability: dict[str, float]) -> None:
         self.metrics = {k: float(v) for k, v in callback_metrics.items() if _is_scalar(v)}
@@ -199,6 +271,8 @@ class RunRecord:
                 "metrics": self.metrics,
                 "stability": self.stability,
                 "components": self.components,
+                "overrides": self.overrides,
+                "benchmark": self.benchmark,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "heartbeat": now,

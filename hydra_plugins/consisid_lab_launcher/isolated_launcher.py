@@ -8,6 +8,18 @@ handing back its result, its ``metrics.json`` is marked ``crashed`` with the sig
 stacks that ``faulthandler`` wrote at a native crash), and the sweep goes on with the next member.
 
 ``n_jobs`` members run at once (default 1: a sweep on one GPU runs its members one after another).
+
+Rerunning the same multirun command into the same sweep dir continues the sweep: a member whose
+``metrics.json`` says ``completed`` (or ``diverged``: a result, which a rerun would only repeat) is skipped, one
+with a loadable checkpoint in its ``checkpoints/`` is resumed from it (``ckpt_path=<its run dir>``), any other is
+started; one log line per member says which, and a summary closes the sweep. The sweep dir is time-stamped by
+default (``conf/hydra/default.yaml``), so pass it explicitly to rerun into it::
+
+    python -m consisid_lab.train -m +experiment=full,no_global seed=0,1,2 hydra.sweep.dir=multirun/study
+    # killed, or some members crashed: the same command again skips, resumes, starts
+
+A member dir that holds a run of *other* overrides (the sweep was changed, so job numbers moved) is refused
+before anything starts.
 """
 
 from __future__ import annotations
@@ -28,6 +40,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+
+FINISHED_STATUSES = ("completed", "diverged")  # results: a rerun skips them
+RESUME_OVERRIDE = "ckpt_path"
 
 PAYLOAD_FILE = ".member_payload.pkl"
 RESULT_FILE = ".member_result.pkl"
@@ -52,6 +67,7 @@ class IsolatedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
+        self._run_dirs: dict[int, Path] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -65,9 +81,17 @@ class IsolatedLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info("Launching %d jobs, each in its own process (%d at a time)", len(job_overrides), self.n_jobs)
-        queue = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        running: list[_Member] = []
+        queue: list[tuple[int, list[str]]] = []
         results: dict[int, JobReturn] = {}
+        actions: dict[int, str] = {}
+        planned = [self._plan(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        for idx, overrides, action, skipped in planned:
+            actions[idx] = action
+            if skipped is not None:
+                results[idx] = skipped
+            else:
+                queue.append((idx, overrides))
+        running: list[_Member] = []
         try:
             while queue or running:
                 while queue and len(running) < self.n_jobs:
@@ -81,13 +105,82 @@ class IsolatedLauncher(Launcher):
             for member in running:  # interrupted (Ctrl-C): do not leave members running
                 member.process.terminate()
                 member.process.wait()
+        self._summary(actions, sweep_dir)
         return [results[idx] for idx in sorted(results)]
+
+    def _plan(self, idx: int, overrides: list[str]) -> tuple[int, list[str], str, JobReturn | None]:
+        """What a member does in this launch: ``skipped`` (its record says it finished), ``resumed`` (from the
+        newest checkpoint in its dir that loads), or ``started``; logs one line saying which."""
+        from consisid_lab.utils.checkpoints import newest_loadable_checkpoint
+        from consisid_lab.utils.run import checkpoint_step
+
+        assert self.config is not None and self.hydra_context is not None
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+        self._run_dirs[idx] = run_dir
+        shown = " ".join(filter_overrides(overrides))
+        _check_same_member(run_dir, overrides, idx)
+        record = _read_record(run_dir)
+        status = record.get("status")
+        if status in FINISHED_STATUSES:
+            log.info("member %d (%s): %s, skipped (%s)", idx, shown, status, run_dir / "metrics.json")
+            return idx, overrides, "skipped", self._skipped(idx, overrides, sweep_config, run_dir, record)
+        if any(o.partition("=")[0].lstrip("+~") == RESUME_OVERRIDE for o in overrides):
+            log.info("member %d (%s): starting (ckpt_path given by the sweep)", idx, shown)
+            return idx, overrides, "started", None
+        try:
+            ckpt = newest_loadable_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+        except FileNotFoundError:
+            ckpt = None
+        if ckpt is not None:
+            step = checkpoint_step(ckpt)
+            log.info("member %d (%s): resuming from %s at step %s", idx, shown, ckpt, step)
+            return idx, [*overrides, f"{RESUME_OVERRIDE}={run_dir}"], "resumed", None
+        was = f" (was {status}, no checkpoint)" if status else ""
+        log.info("member %d (%s): starting%s", idx, shown, was)
+        return idx, overrides, "started", None
+
+    def _skipped(
+        self, idx: int, overrides: list[str], sweep_config: DictConfig, run_dir: Path, record: dict
+    ) -> JobReturn:
+        ret = JobReturn(
+            overrides=overrides,
+            cfg=OmegaConf.create(),
+            hydra_cfg=sweep_config,
+            working_dir=str(run_dir),
+            task_name=str(sweep_config.hydra.job.name),
+            status=JobStatus.COMPLETED,
+        )
+        value = (record.get("metrics") or {}).get(str(sweep_config.get("optimized_metric")))
+        ret.return_value = float(value) if isinstance(value, (int, float)) else None
+        return ret
+
+    def _summary(self, actions: dict[int, str], sweep_dir: Path) -> None:
+        """One closing line: what this launch did per member, and every member's status now."""
+        counts = {a: sum(v == a for v in actions.values()) for a in ("skipped", "resumed", "started")}
+        statuses: dict[str, list[int]] = {}
+        n = len(actions)
+        for idx in sorted(actions):
+            status = str(_read_record(self._run_dirs[idx]).get("status") or "no metrics.json")
+            statuses.setdefault(status, []).append(idx)
+        outcome = "; ".join(f"{s}: {len(ids)} (#{', #'.join(map(str, ids))})" for s, ids in statuses.items())
+        log.info(
+            "sweep %s: %d members, %d skipped, %d resumed, %d started; now %s",
+            sweep_dir,
+            n,
+            counts["skipped"],
+            counts["resumed"],
+            counts["started"],
+            outcome,
+        )
 
     def _start(self, idx: int, overrides: list[str]) -> _Member:
         import cloudpickle
 
         assert self.config is not None and self.hydra_context is not None
-        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
@@ -139,3 +232,33 @@ class IsolatedLauncher(Launcher):
         )
         ret.return_value = None
         return ret
+
+
+def _read_record(run_dir: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_same_member(run_dir: Path, overrides: list[str], idx: int) -> None:
+    """Refuse a member dir that holds a run of other overrides: rerunning into it would mix two configs."""
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return
+    previous = OmegaConf.to_container(OmegaConf.load(saved))
+    if not isinstance(previous, list):
+        return
+
+    def key(items: Sequence[str]) -> list[str]:
+        return sorted(str(o) for o in items if str(o).partition("=")[0].lstrip("+~") != RESUME_OVERRIDE)
+
+    if key(previous) != key(overrides):
+        raise ValueError(
+            f"sweep member #{idx} would run in {run_dir}, which holds a run of other overrides "
+            f"({' '.join(key(previous))}; this sweep gives it {' '.join(key(overrides))}). Rerun the same "
+            "multirun command to continue a sweep, or pass a new hydra.sweep.dir=... for a different one"
+        )

@@ -1,0 +1,167 @@
+"""Statistics of a seed sweep: confidence intervals of means, paired differences across experiments, verdicts.
+
+Two runs of different experiments with the same seed share their data order, their sampling noise and their
+initialisation stream, so the study compares them *paired*: the claim's effect is the mean over seeds of
+``treatment(seed) - control(seed)``. Intervals are 95% bootstrap intervals (``scipy.stats.bootstrap``, BCa, a
+fixed random stream so a report is reproducible). With a handful of seeds a bootstrap interval is too narrow (it
+cannot see variation the seeds did not show), which is why every comparison also carries its minimal detectable
+effect, from the t distribution:
+
+    MDE = (t_{1 - alpha/2, n-1} + t_{power, n-1}) * sd(differences) / sqrt(n)
+
+the smallest true mean difference that a two-sided paired t-test at level ``alpha`` detects with probability
+``power`` (defaults 0.05 and 0.8) given the spread the seeds showed. An effect below the MDE is not evidence of
+no effect: more seeds are.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95
+POWER = 0.8
+N_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0  # a fixed stream: the same runs give the same report
+DIRECTIONS = ("higher", "lower")
+VERDICTS = ("supported", "contradicted", "inconclusive")
+
+
+def bootstrap_mean_ci(
+    values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES
+) -> tuple[float, float]:
+    """95% (``confidence``) bootstrap interval of the mean of ``values`` (BCa).
+
+    ``(nan, nan)`` for fewer than two values (no spread to resample); ``(v, v)`` when all values are equal,
+    where BCa is undefined but the interval is not in doubt.
+    """
+    from scipy.stats import bootstrap
+
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"bootstrap_mean_ci takes a 1-d sequence of values, got shape {arr.shape}")
+    if len(arr) < 2 or not np.all(np.isfinite(arr)):
+        return float("nan"), float("nan")
+    if np.ptp(arr) == 0:
+        return float(arr[0]), float(arr[0])
+    with warnings.catch_warnings():
+        # BCa warns on few distinct resamples (2-3 seeds); the interval is still the best estimate it has.
+        warnings.simplefilter("ignore")
+        res = bootstrap(
+            (arr,),
+            np.mean,
+            confidence_level=confidence,
+            n_resamples=n_resamples,
+            method="BCa",
+            vectorized=True,
+            rng=np.random.default_rng(BOOTSTRAP_SEED),
+        )
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (math.isfinite(low) and math.isfinite(high)):  # BCa degenerate (e.g. one outlier): percentile
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bootstrap(
+                (arr,),
+                np.mean,
+                confidence_level=confidence,
+                n_resamples=n_resamples,
+                method="percentile",
+                vectorized=True,
+                rng=np.random.default_rng(BOOTSTRAP_SEED),
+            )
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return low, high
+
+
+def minimal_detectable_effect(sd: float, n: int, alpha: float = 1 - CONFIDENCE, power: float = POWER) -> float:
+    """Smallest true mean (paired) difference a two-sided t-test at ``alpha`` finds with ``power``, for ``n``
+    seeds whose differences have sample standard deviation ``sd``: ``(t_{1-alpha/2,n-1} + t_{power,n-1}) sd /
+    sqrt(n)``. ``inf`` below two seeds."""
+    from scipy.stats import t
+
+    if n < 2:
+        return float("inf")
+    df = n - 1
+    return float((t.ppf(1 - alpha / 2, df) + t.ppf(power, df)) * sd / math.sqrt(n))
+
+
+def verdict(ci_low: float, ci_high: float, direction: str) -> str:
+    """``supported`` when the interval excludes 0 on the side ``direction`` claims (``higher``: treatment above
+    control), ``contradicted`` when it excludes 0 on the other side, ``inconclusive`` otherwise (or undefined)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
+        return "inconclusive"
+    sign = 1.0 if direction == "higher" else -1.0
+    low, high = sorted((sign * ci_low, sign * ci_high))
+    if low > 0:
+        return "supported"
+    if high < 0:
+        return "contradicted"
+    return "inconclusive"
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``treatment - control`` per shared seed, with its mean, 95% bootstrap interval and MDE."""
+
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]
+    mean: float
+    sd: float  # sample standard deviation of the differences (NaN below two seeds)
+    ci_low: float
+    ci_high: float
+    mde: float
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+class UnpairedSeedsError(ValueError):
+    """Treatment and control were not run on the same seeds; the message names the missing ones."""
+
+
+def paired_difference(
+    treatment: Mapping[int, float],
+    control: Mapping[int, float],
+    treatment_name: str = "treatment",
+    control_name: str = "control",
+) -> PairedDifference:
+    """Paired comparison of two ``{seed: value}`` maps; both must hold the same seeds.
+
+    Raises ``UnpairedSeedsError`` naming the seeds that one side lacks (a seed that failed, or was never run),
+    since dropping them silently would compare different sets of seeds.
+    """
+    only_t = sorted(set(treatment) - set(control))
+    only_c = sorted(set(control) - set(treatment))
+    if only_t or only_c:
+        parts = []
+        if only_t:
+            parts.append(f"{control_name} lacks seed(s) {only_t} that {treatment_name} has")
+        if only_c:
+            parts.append(f"{treatment_name} lacks seed(s) {only_c} that {control_name} has")
+        raise UnpairedSeedsError(
+            f"unpaired seeds: {'; '.join(parts)}. Run the missing seeds (or rerun the sweep: completed members "
+            "are skipped) so both sides have the same seeds"
+        )
+    if not treatment:
+        raise UnpairedSeedsError(f"{treatment_name} and {control_name} have no completed seed with this metric")
+    seeds = tuple(sorted(treatment))
+    diffs = np.asarray([treatment[s] - control[s] for s in seeds], dtype=np.float64)
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan")
+    low, high = bootstrap_mean_ci(diffs)
+    mde = minimal_detectable_effect(sd, len(diffs)) if len(diffs) > 1 else float("inf")
+    return PairedDifference(
+        seeds=seeds,
+        differences=tuple(float(d) for d in diffs),
+        mean=float(diffs.mean()),
+        sd=sd,
+        ci_low=low,
+        ci_high=high,
+        mde=mde,
+    )
