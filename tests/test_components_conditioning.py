@@ -149,6 +149,30 @@ def test_bag_of_words_ids_are_stable_across_processes():
     assert ids[0, :2].tolist() == ids[1, :2].flip(0).tolist() != ids[1, :2].tolist()
 
 
+def test_bag_of_words_drops_stop_words_so_every_benchmark_caption_fits():
+    import re
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from consisid_lab.data.synthetic import SyntheticConfig, caption_for, sample_motion
+
+    enc = BagOfWordsTextEncoder(dim=8, max_length=4, num_heads=2, stop_words=["A", "the"])
+    ids, valid = enc.tokenize(["A man and the dog", "man and dog"])
+    assert ids[0].tolist() == ids[1].tolist() and valid[0].sum() == 3
+    # The default config's list and length keep every content word of the benchmark's captions (none truncated).
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/text_encoder/bow.yaml")
+    stop = list(cfg.stop_words)
+    enc = BagOfWordsTextEncoder(dim=8, max_length=cfg.max_length, num_heads=2, stop_words=stop)
+    captions = [caption_for(sample_motion(SyntheticConfig(), 1000 + i)) for i in range(300)]
+    content = torch.tensor([len([w for w in re.findall("[a-z]+", c.lower()) if w not in stop]) for c in captions])
+    words = torch.tensor([len(re.findall("[a-z]+", c.lower())) for c in captions])
+    assert torch.equal(enc.tokenize(captions)[1].sum(1), content)
+    assert int(content.max()) <= cfg.max_length < int(words.max())
+    # The background colour is the third kept word of every caption.
+    assert enc.tokenize(["In front of a plain teal background, a person smiles"])[0][0, 2] == enc.tokenize(["teal"])[0][0, 0]
+
+
 def test_bag_of_words_outputs_differ_by_caption_and_pad_with_zeros():
     torch.manual_seed(0)
     enc = BagOfWordsTextEncoder(dim=16, max_length=6, num_heads=2)

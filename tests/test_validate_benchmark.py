@@ -27,6 +27,9 @@ FLAT_KEYS = {
     "codec_high_only_auc",
     "codec_low_only_auc",
     "codec_psnr_db",
+    "codec_identity_gap",
+    "real_identity_gap",
+    "codec_gap_over_real",
 }
 
 
@@ -48,6 +51,11 @@ def test_validation_prints_controls_and_targets_as_its_last_line(tmp_path, capsy
     # The pasted reference is as close to the reference as a video can be: the copy-paste ratio flags it.
     assert result["controls"]["pasted_reference"]["copy_paste"] > 10 * result["controls"]["real"]["copy_paste"]
     assert result["targets_met"] == all(result["targets"].values())
+    # The codec ceiling is the real clips' gap measured on reconstructions, in the same units.
+    assert result["real_identity_gap"] == pytest.approx(
+        result["controls"]["real"]["facesim"] - result["controls"]["other_identity"]["facesim"]
+    )
+    assert result["codec_gap_over_real"] == pytest.approx(result["codec_identity_gap"] / result["real_identity_gap"])
 
 
 @pytest.mark.slow

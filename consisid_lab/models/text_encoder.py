@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,9 +49,17 @@ class BagOfWordsTextEncoder(TextEncoder):
         max_length: L; longer captions are truncated (logged at debug level).
         vocab_size: hash buckets (id 0 is padding); collisions merge words, harmless at benchmark vocab sizes.
         num_heads: heads of the mixing layer (must divide ``dim``).
+        stop_words: words dropped before embedding (function words): more of a caption fits in ``max_length``.
     """
 
-    def __init__(self, dim: int = 64, max_length: int = 32, vocab_size: int = 4096, num_heads: int = 4) -> None:
+    def __init__(
+        self,
+        dim: int = 64,
+        max_length: int = 32,
+        vocab_size: int = 4096,
+        num_heads: int = 4,
+        stop_words: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2 (id 0 is padding), got {vocab_size}")
@@ -59,6 +68,7 @@ class BagOfWordsTextEncoder(TextEncoder):
         self.dim = dim
         self.max_length = max_length
         self.vocab_size = vocab_size
+        self.stop_words = frozenset(w.lower() for w in stop_words)
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID)
         self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
         self.mix = nn.TransformerEncoderLayer(
@@ -70,7 +80,7 @@ class BagOfWordsTextEncoder(TextEncoder):
         """``(ids (B, L) long, valid (B, L) bool)``; deterministic across processes and machines."""
         ids = torch.full((len(captions), self.max_length), PAD_ID, dtype=torch.long)
         for i, caption in enumerate(captions):
-            words = _WORD.findall(caption.lower())
+            words = [w for w in _WORD.findall(caption.lower()) if w not in self.stop_words]
             if len(words) > self.max_length:
                 logger.debug("caption %d: %d words, dropped %d", i, len(words), len(words) - self.max_length)
             row = [word_id(w, self.vocab_size) for w in words[: self.max_length]]
