@@ -600,9 +600,7 @@ def _sample_motion(rng: np.random.Generator, n: int, seed: int, *, reference: bo
     )
     if reference:
         bg_texture[0] = 0.0
-    tags["background"] = f"a plain {bg_name} background" + (
-        " with a faint pattern" if bg_texture[0] > 0.025 else ""
-    )
+    tags["background"] = f"a plain {bg_name} background" + (" with a faint pattern" if bg_texture[0] > 0.025 else "")
     cloth = rng.uniform(0.1, 0.9, size=3)
     tags["clothing"] = f"wearing a {colour_name(cloth)} top"
 
