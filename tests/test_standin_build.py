@@ -222,3 +222,27 @@ def test_an_invalid_fault_spec_is_refused(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "identity:sigsegv")
     with pytest.raises(ValueError, match=f"{FAULT_ENV}='identity:sigsegv'"):
         store._injected_fault("identity_net")
+
+
+def test_a_worker_s_third_party_warning_is_filtered_as_in_one_process() -> None:
+    """open_clip's "No pretrained weights loaded" stays out of the log when a build worker's record is re-emitted
+    with its ``worker N:`` prefix (the filter the task configs install matches the unprefixed message)."""
+    import queue
+
+    from consisid_lab.utils.logging_filters import ThirdPartyInfoFilter
+
+    kept: list[str] = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = lambda r: kept.append(r.getMessage())
+    handler.addFilter(ThirdPartyInfoFilter(["open_clip"], ["No pretrained weights loaded"]))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        q: queue.Queue = queue.Queue()
+        for msg in ("No pretrained weights loaded for model 'x'. Model initialized randomly.", "something else"):
+            rec = logging.LogRecord("root", logging.WARNING, "/x/open_clip/factory.py", 1, msg, None, None)
+            q.put(("log", 2, rec))
+        store._drain(q, store._Progress(), {}, wait_s=0)
+    finally:
+        root.removeHandler(handler)
+    assert kept == ["worker 2: something else"]

@@ -772,7 +772,8 @@ def _drain(queue: Any, progress: _Progress, finished: dict[int, str | None], wai
             progress.advance(message[2], worker=worker)
         elif kind == "log":
             record: logging.LogRecord = message[2]
-            record.msg = f"worker {worker}: {record.msg}"
+            record.unprefixed_message = record.getMessage()  # what logging filters match (ThirdPartyInfoFilter)
+            record.msg, record.args = f"worker {worker}: {record.unprefixed_message}", None
             logger = logging.getLogger(None if record.name == "root" else record.name)
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)

@@ -26,6 +26,7 @@ from torch import Tensor
 from consisid_lab.models import objective, train_knobs
 from consisid_lab.models.denoiser import COMPONENTS, IdentityDenoiser
 from consisid_lab.models.divergence import DivergenceGuard, all_finite, check_nan_settings, optimised_parameters
+from consisid_lab.models.frozen_memo import FrozenFeatureMemo, memo_unavailable
 from consisid_lab.models.knobs import SamplingKnobs
 from consisid_lab.models.trainable import Stage, apply_lora, lr_multiplier, select_parameters, stage_index
 from consisid_lab.types import VideoBatch
@@ -129,6 +130,7 @@ class IdentityVideoModule(pl.LightningModule):
         frozen_dtype: str | None = None,
         compile_blocks: bool = False,
         fp8_training: bool = False,
+        frozen_memo: bool = False,
     ) -> None:
         super().__init__()
         # Plain containers only: checkpoints load with weights_only=True and carry their config.
@@ -187,6 +189,8 @@ class IdentityVideoModule(pl.LightningModule):
         self.last_samples: dict[str, Tensor] = {}
         self._analysis_batch: VideoBatch | None = None
         self.run_config: dict[str, Any] | None = None  # the whole run's config, stored in every checkpoint
+        self.frozen_memo_enabled = bool(frozen_memo)
+        self.frozen_memo: FrozenFeatureMemo | None = None  # built at the start of training (a plain attribute)
 
     # ------------------------------------------------------------------ which parameters train
     def _select(self, selectors: list[str]) -> set[str]:
@@ -247,8 +251,21 @@ class IdentityVideoModule(pl.LightningModule):
                     "posterior means): only the reference image's latent is sampled; train without the latent cache "
                     "to sample the video latents too"
                 )
-            x0 = self._latents(batch)  # (B, f, C, h, w)
-            return objective.training_loss(self.denoiser, self.noise_scheduler, batch, x0, settings, gen)
+            memo = self.frozen_memo if self.frozen_memo is not None and self.frozen_memo.covers(batch) else None
+            x0 = memo.video_latents(batch) if memo is not None and not batch.cached else self._latents(batch)
+            return objective.training_loss(self.denoiser, self.noise_scheduler, batch, x0, settings, gen, memo=memo)
+
+    def on_train_start(self) -> None:
+        """Build the frozen-encoder memo of the training clips (``model.frozen_memo``) where it applies."""
+        if not self.frozen_memo_enabled or self.frozen_memo is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = datamodule.dataset("train") if hasattr(datamodule, "dataset") else None
+        why = "no datamodule with a training split" if dataset is None else memo_unavailable(dataset, self.loss_settings)
+        if why is not None:
+            log.info("model.frozen_memo: the frozen encoders run every step (%s)", why)
+            return
+        self.frozen_memo = FrozenFeatureMemo.build(self.denoiser, dataset, int(datamodule.batch_size))
 
     def _stage_clip(self, batch: VideoBatch) -> VideoBatch:
         """Shorten clips to the current stage's ``num_frames`` (hierarchical training on short clips first)."""

@@ -46,6 +46,8 @@ from consisid_lab.types import IdentityFeatures, VideoBatch
 if TYPE_CHECKING:
     from diffusers import CogVideoXDPMScheduler
 
+    from consisid_lab.models.frozen_memo import FrozenFeatureMemo
+
 log = logging.getLogger(__name__)
 
 MASK_NORMALISATIONS = ("per_sample", "batch")
@@ -311,8 +313,12 @@ def training_loss(
     x0: Tensor,
     settings: LossSettings,
     gen: torch.Generator,
+    memo: FrozenFeatureMemo | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One step's loss (a scalar) and its parts, for clean latents ``x0 (B, f, C, h, w)`` of ``batch``."""
+    """One step's loss (a scalar) and its parts, for clean latents ``x0 (B, f, C, h, w)`` of ``batch``.
+
+    ``memo``: the frozen encoders' outputs of the training clips (:mod:`consisid_lab.models.frozen_memo`), used for
+    the intra references when it covers the batch; the draws are the same with and without it."""
     b, f = x0.shape[:2]
     drop = caption_dropout(b, settings.text_dropout, gen)
     text = batch_text(denoiser, batch, drop)
@@ -321,7 +327,12 @@ def training_loss(
     if settings.image_noise:
         sigma = image_noise_sigma(b, settings.image_noise_log_mean, settings.image_noise_log_std, gen)
         perturb = image_noiser(sigma, gen)
-    cond = denoiser.conditions(face, kps, text, f, features=cached_features(batch, use_cross), perturb_image=perturb)
+    if memo is not None and perturb is None and not batch.cached and memo.covers(batch):
+        g, feats = memo.identity(denoiser, batch, face, kps, use_cross, f)
+        cond = Conditions(text=text, global_latent=g, identity_tokens=denoiser.identity_tokens(feats))
+    else:
+        features = cached_features(batch, use_cross)
+        cond = denoiser.conditions(face, kps, text, f, features=features, perturb_image=perturb)
     cond = identity_dropout(cond, settings.identity_dropout, gen)
     cond = image_dropout(cond, settings.image_dropout, gen)
     t = sample_timesteps(scheduler, b, gen, x0.device, settings.high_noise_bias)

@@ -27,4 +27,7 @@ class ThirdPartyInfoFilter(logging.Filter):
             return True
         if record.levelno < logging.WARNING:
             return False
-        return not (record.levelno == logging.WARNING and record.getMessage().startswith(self.drop_warnings))
+        # A record re-emitted by the parent of a stand-in build worker carries its message without the "worker N: "
+        # prefix as well.
+        message = getattr(record, "unprefixed_message", None) or record.getMessage()
+        return not (record.levelno == logging.WARNING and message.startswith(self.drop_warnings))
