@@ -84,7 +84,7 @@ def test_checkpoint_policy_refuses_bad_values(bad):
 
 
 def test_fused_adamw_in_the_module_and_refused_where_torch_has_none(train_cfg, monkeypatch):
-    cfg = train_cfg("+model.optimizer.fused=true")
+    cfg = train_cfg("model.optimizer.fused=true")
     module = instantiate(cfg.model)
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt

@@ -265,7 +265,8 @@ class IdentityVideoModule(pl.LightningModule):
         if why is not None:
             log.info("model.frozen_memo: the frozen encoders run every step (%s)", why)
             return
-        self.frozen_memo = FrozenFeatureMemo.build(self.denoiser, dataset, int(datamodule.batch_size))
+        # Fixed batches of 32 whatever the training batch size: the memo is the same for every run of the config.
+        self.frozen_memo = FrozenFeatureMemo.build(self.denoiser, dataset, batch_size=32)
 
     def _stage_clip(self, batch: VideoBatch) -> VideoBatch:
         """Shorten clips to the current stage's ``num_frames`` (hierarchical training on short clips first)."""
