@@ -54,6 +54,8 @@ def test_memo_is_refused_where_values_change_every_step(parts) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert not memo.covers(replace(batch, video=batch.video[:, :1]))
     assert not memo.covers(replace(batch, clip_id=batch.clip_id + 1000))
+    # A corrupt (non-finite) video is encoded as it is, so the loss shows it.
+    assert memo.covers(batch) and not memo.covers(replace(batch, video=batch.video.clone().fill_(float("nan"))))
 
 
 def test_training_builds_the_memo_once_and_logs_it(train_cfg, caplog) -> None:
