@@ -39,8 +39,6 @@ def bootstrap_mean_ci(
     ``(nan, nan)`` for fewer than two values (no spread to resample); ``(v, v)`` when all values are equal,
     where BCa is undefined but the interval is not in doubt.
     """
-    from scipy.stats import bootstrap
-
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"bootstrap_mean_ci takes a 1-d sequence of values, got shape {arr.shape}")
@@ -48,6 +46,15 @@ def bootstrap_mean_ci(
         return float("nan"), float("nan")
     if np.ptp(arr) == 0:
         return float(arr[0]), float(arr[0])
+    low, high = _bootstrap_interval(arr, confidence, n_resamples, "BCa")
+    if not (math.isfinite(low) and math.isfinite(high)):  # BCa degenerate (e.g. one outlier): percentile
+        low, high = _bootstrap_interval(arr, confidence, n_resamples, "percentile")
+    return low, high
+
+
+def _bootstrap_interval(arr: np.ndarray, confidence: float, n_resamples: int, method: str) -> tuple[float, float]:
+    from scipy.stats import bootstrap
+
     with warnings.catch_warnings():
         # BCa warns on few distinct resamples (2-3 seeds); the interval is still the best estimate it has.
         warnings.simplefilter("ignore")
@@ -56,25 +63,11 @@ def bootstrap_mean_ci(
             np.mean,
             confidence_level=confidence,
             n_resamples=n_resamples,
-            method="BCa",
+            method=method,
             vectorized=True,
             rng=np.random.default_rng(BOOTSTRAP_SEED),
         )
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(low) and math.isfinite(high)):  # BCa degenerate (e.g. one outlier): percentile
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = bootstrap(
-                (arr,),
-                np.mean,
-                confidence_level=confidence,
-                n_resamples=n_resamples,
-                method="percentile",
-                vectorized=True,
-                rng=np.random.default_rng(BOOTSTRAP_SEED),
-            )
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return low, high
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def minimal_detectable_effect(sd: float, n: int, alpha: float = 1 - CONFIDENCE, power: float = POWER) -> float:

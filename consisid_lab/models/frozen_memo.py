@@ -91,7 +91,7 @@ class FrozenFeatureMemo:
 
     def covers(self, batch: VideoBatch) -> bool:
         """Whether every clip of ``batch`` is memoised at the batch's clip length. A batch whose video is not finite
-        (corrupt input) is never covered: it is encoded as it is, so its loss shows the fault (``model.nan_policy``)."""
+        (corrupt input) is never covered: it is encoded as it is, so its loss shows the fault (model.nan_policy)."""
         if batch.video.shape[1] != self.num_frames or not all(c in self.latents for c in batch.clip_id.tolist()):
             return False
         return bool(torch.isfinite(batch.video).all())

@@ -261,7 +261,10 @@ class IdentityVideoModule(pl.LightningModule):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         dataset = datamodule.dataset("train") if hasattr(datamodule, "dataset") else None
-        why = "no datamodule with a training split" if dataset is None else memo_unavailable(dataset, self.loss_settings)
+        if dataset is None:
+            why: str | None = "no datamodule with a training split"
+        else:
+            why = memo_unavailable(dataset, self.loss_settings)
         if why is not None:
             log.info("model.frozen_memo: the frozen encoders run every step (%s)", why)
             return
