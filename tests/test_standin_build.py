@@ -187,6 +187,7 @@ def test_a_tiny_build_stays_in_this_process_unless_workers_are_asked_for(tmp_pat
     assert "less than the 15 s it takes to start them" in caplog.text
 
 
+@pytest.mark.slow  # the killed-worker test below covers the failure path in the default suite
 def test_a_failing_worker_names_its_entries_and_the_other_workers_stay_cached(tmp_path, monkeypatch, caplog) -> None:
     pytest.importorskip("consisid_lab.data.synthetic")
     monkeypatch.setenv(BUILD_WORKERS_ENV, "2")
