@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Study 2: every claim of claims.yaml on the embedded benchmark, paired seeds, then the report with verdicts.
 # Resumable: the sweep dir is fixed, so running this again skips completed members and resumes the others.
-# CPU scale (2 cores): STEPS=300, SEEDS=0,1,2. On a GPU: STEPS=3000 SEEDS=0,1,2,3,4 and drop OMP_NUM_THREADS.
+# CPU scale (2 cores, about 85 minutes): STEPS=200, SEEDS=0,1,2. On a GPU: STEPS=3000 SEEDS=0,1,2,3,4 and drop OMP_NUM_THREADS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=experiments/study2_frequency_claims
 SWEEP=${SWEEP:-$OUT/sweep}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-200}
 SEEDS=${SEEDS:-0,1,2}
 EXPERIMENTS=${EXPERIMENTS:-full,no_global,no_local,no_keypoints,inject_after_block,inject_attn_input,arcface_penultimate,arcface_last,arcface_only,clip_only,no_mask_loss,no_cross_face,coarse_to_fine}
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m consisid_lab.train -m hydra/launcher=local_parallel \
