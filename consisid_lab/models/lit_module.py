@@ -251,8 +251,10 @@ class IdentityVideoModule(pl.LightningModule):
                     "posterior means): only the reference image's latent is sampled; train without the latent cache "
                     "to sample the video latents too"
                 )
-            memo = self.frozen_memo if self.frozen_memo is not None and self.frozen_memo.covers(batch) else None
-            x0 = memo.video_latents(batch) if memo is not None and not batch.cached else self._latents(batch)
+            memo = self.frozen_memo
+            if memo is not None and (batch.cached or not memo.covers(batch)):
+                memo = None  # preprocessed features, another clip length or a corrupt video: encoded as it is
+            x0 = memo.video_latents(batch) if memo is not None else self._latents(batch)
             return objective.training_loss(self.denoiser, self.noise_scheduler, batch, x0, settings, gen, memo=memo)
 
     def on_train_start(self) -> None:

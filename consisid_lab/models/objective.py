@@ -317,8 +317,9 @@ def training_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One step's loss (a scalar) and its parts, for clean latents ``x0 (B, f, C, h, w)`` of ``batch``.
 
-    ``memo``: the frozen encoders' outputs of the training clips (:mod:`consisid_lab.models.frozen_memo`), used for
-    the intra references when it covers the batch; the draws are the same with and without it."""
+    ``memo``: the frozen encoders' outputs of the training clips (:mod:`consisid_lab.models.frozen_memo`), passed
+    only for a batch it covers (:meth:`~consisid_lab.models.frozen_memo.FrozenFeatureMemo.covers`) and that carries
+    no preprocessing cache; used for the intra references. The draws are the same with and without it."""
     b, f = x0.shape[:2]
     drop = caption_dropout(b, settings.text_dropout, gen)
     text = batch_text(denoiser, batch, drop)
@@ -327,7 +328,7 @@ def training_loss(
     if settings.image_noise:
         sigma = image_noise_sigma(b, settings.image_noise_log_mean, settings.image_noise_log_std, gen)
         perturb = image_noiser(sigma, gen)
-    if memo is not None and perturb is None and not batch.cached and memo.covers(batch):
+    if memo is not None and perturb is None:
         g, feats = memo.identity(denoiser, batch, face, kps, use_cross, f)
         cond = Conditions(text=text, global_latent=g, identity_tokens=denoiser.identity_tokens(feats))
     else:
