@@ -203,19 +203,27 @@ class IdentityDenoiser(nn.Module):
         ``perturb_image``: applied to the face image, then the keypoint image, that the global encoder encodes
         (the released training's image noise); the local encoder sees the face unperturbed.
         """
-        if features is None and perturb_image is None:
-            g, features = self.frozen_identity(face, kps, num_latent_frames)
-            return g, None if self.fuser is None else self.fuser(features)
+        g = self.global_latent(face, kps, num_latent_frames, perturb_image)
+        if self.fuser is None:
+            return g, None
+        features = self.local_encoder(face) if features is None else features
+        return g, self.fuser(features)
+
+    def global_latent(
+        self,
+        face: Tensor,
+        kps: Tensor,
+        num_latent_frames: int,
+        perturb_image: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor | None:
+        """The global route's latent ``(B, f, C_g, h, w)`` (or None) of the face and its keypoint image, each
+        perturbed by ``perturb_image`` first when given."""
         kps_image = self.keypoint_renderer(face, kps) if self.uses_kps else None
         g_face = face
         if perturb_image is not None and self.global_encoder.channels(self.vae) > 0:
             g_face = perturb_image(face)
             kps_image = None if kps_image is None else perturb_image(kps_image)
-        g = self.global_encoder(g_face, kps_image, self.vae, num_latent_frames)
-        if self.fuser is None:
-            return g, None
-        features = self.local_encoder(face) if features is None else features
-        return g, self.fuser(features)
+        return self.global_encoder(g_face, kps_image, self.vae, num_latent_frames)
 
     def frozen_identity(
         self, face: Tensor, kps: Tensor, num_latent_frames: int
@@ -223,8 +231,7 @@ class IdentityDenoiser(nn.Module):
         """What the frozen components make of reference faces ``(B, 3, H, W)`` with keypoints ``(B, 5, 2)``: the
         global latent ``(B, f, C_g, h, w)`` (or None) and the local encoder's features (None without a fuser).
         The trainable fuser turns the features into identity tokens (:meth:`identity_tokens`)."""
-        kps_image = self.keypoint_renderer(face, kps) if self.uses_kps else None
-        g = self.global_encoder(face, kps_image, self.vae, num_latent_frames)
+        g = self.global_latent(face, kps, num_latent_frames)
         return g, None if self.fuser is None else self.local_encoder(face)
 
     def identity_tokens(self, features: IdentityFeatures | None) -> Tensor | None:
