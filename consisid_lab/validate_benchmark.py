@@ -141,9 +141,9 @@ def codec_survival(standins, ref_set: ClipSet, same: ClipSet, high: ClipSet, low
     energy = horizontal_energy(same_r).mean() / horizontal_energy(same.videos).mean()
     # The identity gap a perfect generator in this latent space would score (gated, as the runs' metric): FaceSim of
     # the reconstructions against their own references minus against another identity's (rolled, as the control).
-    gate = standins.face_gate
-    own = facesim_matrix(standins.evaluator, refs, same_r, gate).diagonal().mean()
-    other = facesim_matrix(standins.evaluator, refs, same_r.roll(1, dims=0), gate).diagonal().mean()
+    gated = facesim_matrix(standins.evaluator, refs, same_r, standins.face_gate)
+    own = gated.diagonal().mean()
+    other = gated[torch.arange(k), torch.arange(k).roll(1)].mean()  # reference i against video i - 1
     return {
         "codec_facesim": float(own),
         "codec_identity_gap": float(own - other),
