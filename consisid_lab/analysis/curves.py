@@ -9,7 +9,6 @@ early has a larger area than one that gets there at its last step: Finding 1's "
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +47,15 @@ def read_curves(path: Path, keys: Sequence[str]) -> dict[str, Curve]:
 
     A step logged twice keeps its last value (a log written by an older resume that re-logged steps).
     """
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    from consisid_lab.utils.csv_log import read_rows
+
+    rows = read_rows(path)  # blank cells dropped
     out: dict[str, Curve] = {}
     for key in keys:
         points: dict[int, float] = {}
         for row in rows:
-            cell, step = row.get(key), row.get("step")
-            if cell in (None, "") or step in (None, ""):
-                continue
-            points[int(float(step))] = float(cell)
+            if key in row and "step" in row:
+                points[int(float(row["step"]))] = float(row[key])
         if points:
             steps = np.asarray(sorted(points), dtype=np.int64)
             out[key] = Curve(steps, np.asarray([points[s] for s in steps], dtype=np.float64))

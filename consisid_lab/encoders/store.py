@@ -695,10 +695,10 @@ def _build_group(
         steps = getattr(entry_recipe, spec.steps_field)
         entry_dir = cache_dir / name
         entry_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(recipe.seed * 1000 + spec.seed_offset)
+        seed = recipe.seed * 1000 + spec.seed_offset
+        torch.manual_seed(seed)
         module = _new_module(spec, entry_dir)
         progress.stage(f"train {name}", steps)
-        seed = recipe.seed * 1000 + spec.seed_offset
         if spec.kind == "clip":
             stats = train_clip(module, pool, recipe, steps, seed, on_step=progress.advance)
         elif spec.kind == "codec":
