@@ -50,18 +50,18 @@ TRAINER_MODULES = {"codec": codec_module, "face_gate": face_gate_module}  # kind
 BUILD_WORKERS_ENV = "CONSISID_LAB_BUILD_WORKERS"  # processes a build may use (1: build in this process)
 DEFAULT_BUILD_WORKERS = 2
 FAULT_ENV = "CONSISID_LAB_FAULT_STANDIN"  # test hook, see ``_injected_fault``
-# Seconds each entry of the default recipe took to build with one intra-op thread on a loaded 2-core machine (the
-# codec's figure includes rendering its clip pool), and seconds to render the face pools entries share: what
-# ``split_entries`` balances the build processes on.
+# Seconds each entry of the default recipe took to build with one intra-op thread, two build processes on an
+# otherwise idle 2-core machine (the codec's figure includes rendering its clip pool), and seconds to render the
+# face pools entries share: what ``split_entries`` balances the build processes on.
 BUILD_COSTS: dict[str, float] = {
-    "identity_net": 87.0,
-    "clip": 76.0,
-    "evaluator_low": 66.0,
-    "evaluator_high": 131.0,
-    "codec": 179.0,
-    "face_gate": 28.0,
+    "identity_net": 55.0,
+    "clip": 51.0,
+    "evaluator_low": 53.0,
+    "evaluator_high": 111.0,
+    "codec": 101.0,
+    "face_gate": 25.0,
 }
-POOL_COSTS: dict[str, float] = {"encoder": 20.0, "evaluator": 22.0, "clips": 0.0}
+POOL_COSTS: dict[str, float] = {"encoder": 14.0, "evaluator": 14.0, "clips": 0.0}
 # A build in worker processes pays for starting them (spawn, importing torch and the stand-in code, then loading
 # what they saved: 11-16 s measured on a loaded 2-core machine); unless CONSISID_LAB_BUILD_WORKERS asks for workers,
 # they are used only when the estimate says they save more than this.
