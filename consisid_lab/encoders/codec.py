@@ -283,7 +283,8 @@ def train_codec(
     on_step: Callable[[], None] | None = None,
 ) -> dict:
     """Fit the codec on ``clips (N, F, 3, H, W)`` uint8: the blocks' mean and principal directions, in float64,
-    one basis for the first latent frame and one for the groups; then the latents' per-channel statistics."""
+    one basis for the first latent frame and one for the groups, with the latents' per-channel statistics (the
+    principal values); then train the refiner, if the codec has one (:func:`train_refiner`)."""
     c = codec.config.latent_channels
     d = codec.config.block_dim
     sums = [torch.zeros(d, dtype=torch.float64) for _ in range(2)]
@@ -316,8 +317,9 @@ def train_codec(
     losses = train_refiner(codec, clips, recipe, on_step) if codec.refiner is not None else []
     with torch.no_grad():
         sample = _to_float(clips[: min(clips.shape[0], 32)])
-        err = (codec.decode(codec.encode(sample)) - sample).abs().mean().item()
-        err_linear = (codec.decode_linear(codec.encode(sample)) - sample).abs().mean().item()
+        z = codec.encode(sample)
+        err = (codec.decode(z) - sample).abs().mean().item()
+        err_linear = (codec.decode_linear(z) - sample).abs().mean().item()
     codec.eval()
     return {
         "steps": recipe.steps,
