@@ -221,6 +221,18 @@ def test_store_refuses_to_build_when_told_not_to(tmp_path) -> None:
         load_standins(tmp_path, recipe=Recipe.tiny(), build_if_missing=False)
 
 
+def test_store_refuses_an_unresolved_portable_cache_path(tmp_path, monkeypatch) -> None:
+    from consisid_lab.encoders.store import load_standins
+    from consisid_lab.encoders.training import Recipe
+    from consisid_lab.utils.checkpoints import CACHE_MARKER
+
+    # A stored run config instantiated without localised_config: nothing may be built under the marker's name.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="localised_config"):
+        load_standins(f"{CACHE_MARKER}/standins", recipe=Recipe.tiny())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_band_mixed_pool_repairs_low_and_high_parts_per_video() -> None:
     pytest.importorskip("consisid_lab.data.synthetic")
     from consisid_lab.data.synthetic import SyntheticConfig

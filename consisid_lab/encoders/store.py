@@ -104,6 +104,14 @@ def default_cache_dir() -> Path:
 
 def recipe_dir(cache_dir: str | Path | None, recipe_name: str) -> Path:
     """The folder of one recipe's entries: ``<cache_dir>/<recipe name>/<entry>``."""
+    from consisid_lab.utils.checkpoints import CACHE_MARKER
+
+    if cache_dir is not None and CACHE_MARKER in os.fspath(cache_dir):
+        raise ValueError(
+            f"stand-in cache {os.fspath(cache_dir)!r} still holds the portable marker {CACHE_MARKER!r} of a stored "
+            "run config: resolve the config with consisid_lab.utils.checkpoints.localised_config(...) before "
+            "instantiating from it (a build here would write a cache folder named after the marker)"
+        )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / recipe_name
 
