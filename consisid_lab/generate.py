@@ -70,6 +70,7 @@ class SamplingSettings:
     num_steps: int
     guidance_scale: float
     use_dynamic_cfg: bool
+    guidance_drops: tuple[str, ...] = ("text",)  # what the unconditional branch leaves out (text, identity)
 
     @property
     def size(self) -> dict[str, int]:
@@ -85,7 +86,8 @@ class SamplingSettings:
 
     def describe(self) -> str:
         if self.guidance_scale > 1.0:
-            cfg = f"guidance {self.guidance_scale:g}{' (dynamic)' if self.use_dynamic_cfg else ''}"
+            on = " and ".join(self.guidance_drops)
+            cfg = f"guidance {self.guidance_scale:g} on {on}{' (dynamic)' if self.use_dynamic_cfg else ''}"
         else:
             cfg = "no guidance"
         return f"{self.num_frames} frames of {self.height} x {self.width}, {self.num_steps} steps, {cfg}"
@@ -111,6 +113,7 @@ def sampling_settings(cfg: Mapping[str, Any], defaults: Mapping[str, Any], sourc
         num_steps=int(values["num_steps"]),
         guidance_scale=float(values["guidance_scale"]),
         use_dynamic_cfg=bool(values["use_dynamic_cfg"]),
+        guidance_drops=guidance_drops(values["guidance_drops"]),
     )
     if settings.num_steps < 1:
         raise ValueError(f"num_steps={settings.num_steps} must be >= 1")
@@ -122,6 +125,18 @@ def sampling_settings(cfg: Mapping[str, Any], defaults: Mapping[str, Any], sourc
         " ".join(f"{k}={v}" for k, v in given.items()) or "none",
     )
     return settings
+
+
+def guidance_drops(value: Any) -> tuple[str, ...]:
+    """``guidance_drops`` as a tuple: a list (``[text, identity]``) or one name."""
+    drops = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+    unknown = sorted(set(drops) - {"text", "identity"})
+    if unknown or not drops:
+        raise ValueError(
+            f"guidance_drops={list(drops)}: name what the unconditional branch drops, a non-empty subset of "
+            "[text, identity], e.g. guidance_drops=[text,identity]"
+        )
+    return drops
 
 
 def check_video_size(
@@ -321,6 +336,7 @@ def checkpoint_defaults(module: Any) -> dict[str, Any]:
         "num_steps": sampling.get("num_steps", 10),
         "guidance_scale": sampling.get("guidance_scale", 1.0),
         "use_dynamic_cfg": sampling.get("use_dynamic_cfg", False),
+        "guidance_drops": list(sampling.get("guidance_drops", ["text"])),
     }
 
 
@@ -342,6 +358,7 @@ def sample_checkpoint(
     dtype: torch.dtype,
     on_step: StepCallback | None = None,
     knobs: Any = None,
+    guidance_drops: tuple[str, ...] = ("text",),
 ) -> Tensor:
     """A video ``(1, F, 3, H, W)`` in [-1, 1] from one of our ``IdentityVideoModule`` checkpoints.
 
@@ -371,6 +388,7 @@ def sample_checkpoint(
         released_cfg_rule=True,
         on_step=on_step,
         knobs=knobs,
+        guidance_drops=guidance_drops,
     )
 
 
@@ -481,6 +499,12 @@ def generate_published(
             "(ckpt_path=RUN_DIR) know; a published model takes a face photo (face=path/to/photo.png)"
         )
     settings = sampling_settings(cfg, cfg.published, "the released pipeline (published)")
+    if settings.guidance_drops != ("text",):
+        raise ValueError(
+            f"guidance_drops={list(settings.guidance_drops)}: the released pipeline guides on the prompt alone (its "
+            "unconditional branch keeps the face); drop guidance_drops=... for model_path, or sample one of our "
+            "training checkpoints (ckpt_path=RUN_DIR) trained with model.loss.identity_dropout > 0"
+        )
     model = load_published(cfg.model_path, dtype=dtype, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
     # Validate the size before the face encoders run: a bad size fails in a second, not after a minute.
     check_video_size(model.vae, model.denoiser.backbone.patch_size, **settings.size)
@@ -553,6 +577,7 @@ def generate_from_checkpoint(
             cfg.negative_prompt,
             **settings.size,
             **settings.guidance,
+            guidance_drops=settings.guidance_drops,
             generator=generator,
             device=device,
             dtype=dtype,

@@ -130,6 +130,17 @@ def test_overrides_win_over_the_checkpoint_settings(run_dir, tmp_path, caplog):
     assert any("9 frames of 48 x 64, 1 steps" in r.getMessage() for r in caplog.records)
 
 
+def test_identity_guidance_from_the_command_line(run_dir, tmp_path, caplog):
+    base = [f"ckpt_path={run_dir}", "face=benchmark:0", "num_steps=2", "guidance_scale=3"]
+    with caplog.at_level(logging.INFO, logger="consisid_lab.generate"):
+        on_id = generate(_compose(*base, "guidance_drops=[identity]", f"output_dir={tmp_path / 'id'}"))
+    assert any("guidance 3 on identity" in r.getMessage() for r in caplog.records)
+    on_text = generate(_compose(*base, f"output_dir={tmp_path / 'text'}"))
+    assert not np.array_equal(_frames(on_id["video"]), _frames(on_text["video"]))
+    with pytest.raises(ValueError, match=r"guidance_drops=\['face'\].*\[text, identity\]"):
+        generate(_compose(*base, "guidance_drops=[face]", f"output_dir={tmp_path / 'bad'}"))
+
+
 def test_the_resolver_takes_a_run_dir_its_checkpoints_dir_or_a_file(run_dir, tmp_path):
     last = run_dir / "checkpoints" / "last.ckpt"
     assert resolve_ckpt_path(run_dir) == str(last)

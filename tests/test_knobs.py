@@ -53,7 +53,7 @@ def setup(tmp_path_factory, standin_cache):
     return model, face, kps, cfg
 
 
-def run(setup, knobs=None, stats=None, guidance_scale: float = 4.0, steps: int = 6) -> torch.Tensor:
+def run(setup, knobs=None, stats=None, guidance_scale: float = 4.0, steps: int = 6, drops=("text",)) -> torch.Tensor:
     model, face, kps, cfg = setup
     return sample_video(
         model,
@@ -72,6 +72,7 @@ def run(setup, knobs=None, stats=None, guidance_scale: float = 4.0, steps: int =
         device="cpu",
         knobs=knobs,
         stats=stats,
+        guidance_drops=drops,
     )
 
 
@@ -96,6 +97,37 @@ def test_identity_changes_the_video(setup, exact):
     model, face, kps, cfg = setup
     other = (setup[0], -face, kps, cfg)
     assert (run(other, SamplingKnobs(identity_kv_cache=False)) - exact).abs().max() > 1e-3
+
+
+def test_identity_guidance_drops_both_routes_in_the_unconditional_branch(setup):
+    # At scale 0 the sampler follows the unconditional branch alone: with the identity dropped it cannot see the
+    # face, with the caption dropped it still does.
+    model, face, kps, cfg = setup
+    other = (model, -face, kps, cfg)
+    plain = SamplingKnobs(identity_kv_cache=False)
+    for knobs in (plain, SamplingKnobs(identity_kv_cache=True), SamplingKnobs(cfg_batching=True)):
+        a = run(setup, knobs, guidance_scale=0.0, drops=("identity",))
+        b = run(other, knobs, guidance_scale=0.0, drops=("identity",))
+        assert (a - b).abs().max() <= REASSOC_TOL
+    assert (run(setup, plain, guidance_scale=0.0) - run(other, plain, guidance_scale=0.0)).abs().max() > 1e-3
+
+
+def test_identity_guidance_knobs_agree_and_differ_from_text_guidance(setup, exact):
+    stats = {}
+    exact_id = run(setup, SamplingKnobs(identity_kv_cache=False), drops=("identity",))
+    cached = run(setup, SamplingKnobs(identity_kv_cache=True), stats=stats, drops=("identity",))
+    assert torch.equal(cached, exact_id)
+    # K/V once per layer for the identity and once for the zeroed identity
+    assert stats["identity_kv_computed"] == 2 * len(setup[0].backbone.injector.layers)
+    batched = run(setup, SamplingKnobs(cfg_batching=True), drops=("identity",))
+    assert (batched - exact_id).abs().max() <= REASSOC_TOL
+    both = run(setup, SamplingKnobs(identity_kv_cache=False), drops=("text", "identity"))
+    assert (exact_id - exact).abs().max() > 1e-3 and (both - exact).abs().max() > 1e-3
+
+
+def test_guidance_drops_must_name_text_or_identity(setup):
+    with pytest.raises(ValueError, match=r"guidance_drops=\['face'\]"):
+        run(setup, drops=("face",))
 
 
 def test_cfg_batching_within_reassociation_bound(setup, exact):

@@ -234,3 +234,25 @@ def test_copy_paste_flags_the_reference_pasted_into_every_frame() -> None:
     pasted.update(ref, real, (ref[:, None].expand_as(real) + 0.01).clamp(-1, 1))
     assert float(honest.compute()) == pytest.approx(1.0, rel=0.05)
     assert float(pasted.compute()) > 20
+
+
+def test_background_error_follows_the_corner_colour_and_ignores_the_centre() -> None:
+    from consisid_lab.metrics.background import BackgroundError, corner_colour
+
+    gen = torch.Generator().manual_seed(0)
+    real = torch.full((2, 3, 3, 32, 32), -1.0)
+    real[0, :, 0] = 0.6  # a red background in clip 0
+    real[1, :, 2] = 0.6  # a blue one in clip 1
+    same = real.clone()
+    same[..., 8:, 8:24] = torch.rand(2, 3, 3, 24, 16, generator=gen) * 2 - 1  # another face in the centre
+    torch.testing.assert_close(corner_colour(same), corner_colour(real))
+    own, swapped = BackgroundError(), BackgroundError()
+    own.update(real, same)
+    swapped.update(real, same.flip(0))
+    assert float(own.compute()) == pytest.approx(0.0, abs=1e-6)
+    # red against blue: two of three channels differ by 0.8 in [0, 1] units
+    assert float(swapped.compute()) == pytest.approx(1.6 / 3, abs=1e-5)
+    with pytest.raises(ValueError, match=r"\(2, 3, 3, 32, 32\).*\(2, 3, 3, 16, 16\)"):
+        own.update(real, real[..., :16, :16])
+    with pytest.raises(ValueError, match="fraction"):
+        BackgroundError(fraction=0.75)

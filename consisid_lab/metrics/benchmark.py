@@ -22,12 +22,16 @@ class BenchmarkMetrics:
     ``facesim - facesim_shuffled`` and ``identity_gap_real`` its real-clip counterpart. ``copy_paste`` compares how
     close generated and real frames are to the reference image itself; ``hf_energy_ratio`` is the generated / real
     ratio of the mean absolute difference of horizontally adjacent pixels (per-pixel noise scores far above 1, a
-    blurred video below).
+    blurred video below). ``background_error`` is how far the generated background's colour is from the real
+    clip's (same caption; ``consisid_lab.metrics.background``), ``background_error_shuffled`` from another clip's,
+    and ``background_gap`` their difference (0: the caption's background is not followed; ``background_gap_real``,
+    the real clips' own, is the ceiling).
     """
 
     def __init__(self, cache_dir: str | None = None, recipe: str = "default") -> None:
         from consisid_lab.encoders.recipes import named_recipe
         from consisid_lab.encoders.store import load_standins
+        from consisid_lab.metrics.background import BackgroundError
         from consisid_lab.metrics.face_fid import FaceFID
         from consisid_lab.metrics.facesim import CopyPaste, FaceRate, FaceSim, FaceSimHigh, FaceSimLow
         from consisid_lab.metrics.identity_drift import IdentityDrift
@@ -46,6 +50,9 @@ class BenchmarkMetrics:
             "copy_paste": CopyPaste(),
             "id_drift": IdentityDrift(standins.evaluator),
             "fid": FaceFID(standins.evaluator),
+            "background_error": BackgroundError(),
+            "background_error_shuffled": BackgroundError(),
+            "background_error_real_shuffled": BackgroundError(),
         }
         self._hf = {"generated": 0.0, "real": 0.0}
         self._updates = 0
@@ -76,6 +83,7 @@ class BenchmarkMetrics:
         m["copy_paste"].update(ref, batch.video, video)
         m["id_drift"].update(ref, video)
         m["fid"].update(batch.video, video)
+        m["background_error"].update(batch.video, video)
         self._hf["generated"] += float(horizontal_energy(video).sum())
         self._hf["real"] += float(horizontal_energy(batch.video).sum())
         # Shuffled reference: each video against the reference of a clip of another identity.
@@ -83,6 +91,8 @@ class BenchmarkMetrics:
         if other is not None:
             m["facesim_shuffled"].update(ref[other], video)
             m["facesim_real_shuffled"].update(ref[other], batch.video)
+            m["background_error_shuffled"].update(batch.video[other], video)
+            m["background_error_real_shuffled"].update(batch.video[other], batch.video)
         self._updates += 1
 
     def has_updates(self) -> bool:
@@ -97,6 +107,9 @@ class BenchmarkMetrics:
         if "facesim_shuffled" in out:
             out["identity_gap"] = out["facesim"] - out["facesim_shuffled"]
             out["identity_gap_real"] = out["facesim_real"] - out["facesim_real_shuffled"]
+            out["background_gap"] = out["background_error_shuffled"] - out["background_error"]
+            # the real clip's own error is 0: its gap is the chance level
+            out["background_gap_real"] = out["background_error_real_shuffled"]
         if self._hf["real"] > 0:
             out["hf_energy_ratio"] = torch.tensor(self._hf["generated"] / self._hf["real"])
         return out

@@ -428,6 +428,7 @@ class IdentityVideoModule(pl.LightningModule):
             generator=torch.Generator(device="cpu").manual_seed(seed),
             device=self.device,
             knobs=self.sampling_cfg.get("knobs"),
+            guidance_drops=tuple(self.sampling_cfg.get("guidance_drops", ("text",))),
         )
 
     def setup(self, stage: str) -> None:

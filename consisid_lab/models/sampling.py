@@ -8,7 +8,7 @@ the released pipeline does and calls the same denoiser.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,12 +44,16 @@ def sample_video(
     on_step: Callable[[], None] | None = None,
     knobs: SamplingKnobs | Mapping[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
+    guidance_drops: Sequence[str] = ("text",),
 ) -> Tensor:
     """Videos ``(B, F, 3, H, W)`` in [-1, 1] for reference faces ``(B, 3, H, W)`` (keypoints ``(B, 5, 2)``) and
     captions; ``negative`` are the unconditional captions of classifier-free guidance.
 
     Guidance runs for ``guidance_scale != 1`` (a pure function of the scale), or with ``released_cfg_rule`` only
     for ``guidance_scale > 1`` (the released pipelines: a scale <= 1 means no unconditional pass at all).
+    ``guidance_drops``: what the unconditional branch leaves out: ``text`` (the ``negative`` captions: ConsisID's
+    guidance, the identity kept in both branches), ``identity`` (both identity routes zeroed, as
+    ``model.loss.identity_dropout`` trains them: guidance on the identity), or both.
     ``dtype``: autocast dtype for the network (our checkpoints hold float32 weights; the solver stays float32).
     ``knobs``: the speed knobs (:class:`~consisid_lab.models.knobs.SamplingKnobs`, or its config mapping), checked
     against the device before anything runs and undone afterwards. ``stats``: filled with what the knobs did
@@ -61,26 +65,61 @@ def sample_video(
     codec = denoiser.vae
     b = len(captions)
     f, c, h, w = codec.latent_shape(num_frames, height, width)
+    drops = tuple(guidance_drops)
+    unknown = sorted(set(drops) - {"text", "identity"})
+    if unknown or not drops:
+        raise ValueError(
+            f"guidance_drops={list(drops)}: the unconditional branch drops a non-empty subset of ['text', 'identity']"
+        )
     g, tokens = denoiser.identity(face.to(device), kps.to(device), f)
     text = denoiser.encode_text(list(captions)).float()
     do_cfg = guidance_scale > 1.0 if released_cfg_rule else guidance_scale != 1.0
-    uncond = denoiser.encode_text(list(negative)).float() if do_cfg else None
-    cond = Conditions(text=text, global_latent=g, identity_tokens=tokens)
-    id_kv = IdentityKV(tokens) if tokens is not None and knobs.identity_kv_cache else None
+    if do_cfg and "identity" in drops and g is None and tokens is None:
+        raise ValueError(
+            "guidance_drops includes 'identity', but this composition has no identity route (no global encoder, "
+            "no injector): drop 'text' instead, or set guidance_scale=1"
+        )
     cache = StepCache(knobs.step_cache) if knobs.step_cache is not None else None
     calls = [0]
 
+    def kv_of(t: Tensor | None) -> IdentityKV | Tensor | None:
+        return IdentityKV(t) if t is not None and knobs.identity_kv_cache else t
+
+    def zeroed(x: Tensor | None) -> Tensor | None:
+        return None if x is None else torch.zeros_like(x)
+
+    # One set of model inputs per branch; the batched [cond; uncond] call gets their concatenation. The inputs
+    # dicts are told apart by identity (``is``), so each branch keeps its own step cache and identity K/V.
+    cond_in = {"text": text, "global": g}
+    branches: dict[int, tuple[str, Any]] = {id(cond_in): ("cond", kv_of(tokens))}
+    uncond_in = None
+    if do_cfg:
+        drop_id = "identity" in drops
+        uncond_in = {
+            "text": denoiser.encode_text(list(negative)).float() if "text" in drops else text,
+            "global": zeroed(g) if drop_id else g,
+        }
+        tokens_u = zeroed(tokens) if drop_id else tokens
+        branches[id(uncond_in)] = ("uncond", kv_of(tokens_u) if drop_id else branches[id(cond_in)][1])
+        both = None if tokens is None else (torch.cat([tokens, tokens_u]) if drop_id else tokens)
+        both_tokens = kv_of(both) if drop_id else branches[id(cond_in)][1]
+
     def model_fn(x_t: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
         n = x_t.shape[0]  # B, or 2B when the CFG halves are batched
-        branch = "both" if n != b else ("uncond" if inputs["text"] is uncond else "cond")
+        branch, id_tokens = branches.get(id(inputs), ("both", None))
+        if branch == "both":
+            id_tokens = both_tokens
         calls[0] += 1
+        glob = inputs["global"]
+        if isinstance(id_tokens, Tensor):
+            id_tokens = repeat_batch(id_tokens, n)
         return denoiser(
             x_t,
             t,
             Conditions(
                 text=inputs["text"],
-                global_latent=None if g is None else repeat_batch(g, n),
-                identity_tokens=id_kv if id_kv is not None else (None if tokens is None else repeat_batch(tokens, n)),
+                global_latent=None if glob is None else repeat_batch(glob, n),
+                identity_tokens=id_tokens,
             ),
             step_cache=cache.branch(branch) if cache is not None else None,
         )
@@ -92,8 +131,8 @@ def sample_video(
             shape=(b, f, c, h, w),
             scheduler=scheduler,
             num_steps=num_steps,
-            cond={"text": cond.text},
-            uncond={"text": uncond} if uncond is not None else None,
+            cond=cond_in,
+            uncond=uncond_in,
             guidance_scale=guidance_scale if do_cfg else 1.0,
             use_dynamic_cfg=use_dynamic_cfg and do_cfg,
             generator=generator,
@@ -106,6 +145,17 @@ def sample_video(
         stats.update(
             model_calls=calls[0],
             step_cache_hits=cache.hits if cache is not None else 0,
-            identity_kv_computed=id_kv.computed if id_kv is not None else None,
+            identity_kv_computed=sum(k.computed for k in _kv_memos(branches, both_tokens if do_cfg else None))
+            if knobs.identity_kv_cache and tokens is not None
+            else None,
         )
     return codec.decode(x0.to(text.dtype)).float().clamp(-1, 1)
+
+
+def _kv_memos(branches: Mapping[int, tuple[str, Any]], both: Any) -> list[IdentityKV]:
+    """The distinct identity K/V memos of the sampling branches."""
+    seen: dict[int, IdentityKV] = {}
+    for _, kv in [*branches.values(), ("both", both)]:
+        if isinstance(kv, IdentityKV):
+            seen[id(kv)] = kv
+    return list(seen.values())
