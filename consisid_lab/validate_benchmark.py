@@ -102,13 +102,19 @@ def control_videos(refs: Tensor, videos: Tensor, seed: int = 0) -> dict[str, Ten
 
 def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str, float]]:
     """``{control: {metric: value}}``: gated FaceSim / -Low / -High of each control against the references, its face
-    rate and its copy-paste ratio."""
+    rate, its copy-paste ratio and its background gap (the corners' colour error against a clip of another
+    caption minus against the clip's own, ``consisid_lab.metrics.background``)."""
+    from consisid_lab.metrics.background import corner_colour
     from consisid_lab.metrics.evaluator_frozen import face_presence
     from consisid_lab.metrics.facesim import COPY_FLOOR
 
     gate = standins.face_gate
     out: dict[str, dict[str, float]] = {}
+    own_bg = corner_colour(videos)
+    # another clip's background: the previous one (other_identity is the next one, so it is not its own chance)
+    other_bg = own_bg.roll(-1, dims=0)
     for name, vids in control_videos(refs, videos).items():
+        bg = corner_colour(vids)
         row = {
             "facesim": facesim_matrix(standins.evaluator, refs, vids, gate).diagonal().mean(),
             "facesim_low": facesim_matrix(standins.evaluator_low, refs, vids, gate).diagonal().mean(),
@@ -116,6 +122,7 @@ def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str,
             "face_rate": face_presence(gate, vids).mean(),
             "copy_paste": (videos - refs[:, None]).abs().mean()
             / (vids - refs[:, None]).abs().mean().clamp_min(COPY_FLOOR),
+            "background_gap": (bg - other_bg).abs().mean() - (bg - own_bg).abs().mean(),
         }
         out[name] = {k: float(v) for k, v in row.items()}
     return out

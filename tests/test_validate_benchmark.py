@@ -56,6 +56,12 @@ def test_validation_prints_controls_and_targets_as_its_last_line(tmp_path, capsy
         result["controls"]["real"]["facesim"] - result["controls"]["other_identity"]["facesim"]
     )
     assert result["codec_gap_over_real"] == pytest.approx(result["codec_identity_gap"] / result["real_identity_gap"])
+    # The background gap: the real clips follow their captions, no control without the clip's background does
+    # (colour-matched noise keeps each clip's mean colour, mostly its background's: it is not such a control).
+    bg = {name: row["background_gap"] for name, row in result["controls"].items()}
+    assert bg["real"] > 0.1 and bg["blurred"] > 0.5 * bg["real"]
+    for name in ("other_identity", "noise", "grey", "pasted_reference"):
+        assert abs(bg[name]) < 0.5 * bg["real"], (name, bg)
 
 
 @pytest.mark.slow
