@@ -131,11 +131,12 @@ def test_overrides_win_over_the_checkpoint_settings(run_dir, tmp_path, caplog):
 
 
 def test_identity_guidance_from_the_command_line(run_dir, tmp_path, caplog):
+    # The run's own guidance (the embedded default guides on the identity), then the caption's from the command line.
     base = [f"ckpt_path={run_dir}", "face=benchmark:0", "num_steps=2", "guidance_scale=3"]
     with caplog.at_level(logging.INFO, logger="consisid_lab.generate"):
-        on_id = generate(_compose(*base, "guidance_drops=[identity]", f"output_dir={tmp_path / 'id'}"))
+        on_id = generate(_compose(*base, f"output_dir={tmp_path / 'id'}"))
     assert any("guidance 3 on identity" in r.getMessage() for r in caplog.records)
-    on_text = generate(_compose(*base, f"output_dir={tmp_path / 'text'}"))
+    on_text = generate(_compose(*base, "guidance_drops=[text]", f"output_dir={tmp_path / 'text'}"))
     assert not np.array_equal(_frames(on_id["video"]), _frames(on_text["video"]))
     with pytest.raises(ValueError, match=r"guidance_drops=\['face'\].*\[text, identity\]"):
         generate(_compose(*base, "guidance_drops=[face]", f"output_dir={tmp_path / 'bad'}"))
