@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,12 @@ class ContinuingCSVLogger(CSVLogger):
     @property
     def experiment(self) -> Any:  # Lightning's writer, or its dummy on non-zero ranks
         created = self._experiment is None
-        experiment = super().experiment
+        with warnings.catch_warnings():
+            if created and self._resume_step is not None:
+                # Lightning warns that the previous files "will be deleted": the carried rows are written back below,
+                # so the warning would tell the user their log is lost when it is not.
+                warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
+            experiment = super().experiment
         if created and self._experiment is not None and self._carried and self._resume_step is not None:
             # The writer has just deleted the previous file: put the steps before the resume back at once.
             self._release_carried(self._resume_step - 1)
