@@ -202,3 +202,20 @@ def test_callback_rejects_patterns_matching_nothing(tmp_path):
     callback = FrequencyAnalysisCallback(patterns=[r"no\.such\.module"], timesteps=[500])
     with pytest.raises(ValueError, match="none of the patterns"):
         callback.matched_modules(TinyModule())
+
+
+def test_a_rendered_figure_is_drawn_once_and_its_png_holds_the_returned_pixels(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from consisid_lab.analysis.plots import new_figure, render_figure
+
+    fig = new_figure(3.0, 2.0)
+    fig.subplots().plot([0, 1, 2], [2, 0, 1])
+    draws = []
+    draw = fig.canvas.draw
+    monkeypatch.setattr(fig.canvas, "draw", lambda *a, **k: (draws.append(1), draw(*a, **k))[1])
+    rgb = render_figure(fig, tmp_path / "sub" / "fig.png")
+    assert len(draws) == 1
+    assert rgb.shape == (200, 300, 3) and rgb.dtype == np.uint8 and rgb.std() > 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "sub" / "fig.png").convert("RGB")), rgb)

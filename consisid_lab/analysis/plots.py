@@ -39,6 +39,20 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
+def render_figure(fig: Figure, path: str | Path) -> np.ndarray:
+    """Draw a figure once: write it as a PNG to ``path`` and return its ``(H, W, 3)`` uint8 pixels (the same ones).
+
+    Half the cost of :func:`save_figure` then :func:`figure_to_rgb`, which lay out and rasterise it twice.
+    """
+    from PIL import Image
+
+    rgb = figure_to_rgb(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return rgb
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

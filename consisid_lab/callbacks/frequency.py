@@ -348,7 +348,7 @@ class FrequencyAnalysisCallback(pl.Callback):
     def _plot_timestep(
         self, t: int, per_t: dict[str, tuple[int, SpectrumResult]], short: dict[str, str], out: Path
     ) -> dict[str, np.ndarray]:
-        from consisid_lab.analysis.plots import figure_to_rgb, plot_curves, plot_maps, save_figure
+        from consisid_lab.analysis.plots import plot_curves, plot_maps, render_figure
 
         if not per_t:
             return {}
@@ -367,13 +367,14 @@ class FrequencyAnalysisCallback(pl.Callback):
         labels = {titles[k]: v for k, v in labels.items()}
         curves = plot_curves(groups, labels, depth=True)
         curves.suptitle(f"relative log amplitude by depth, t={t}")
-        save_figure(maps, out / f"maps_t{t:04d}.png")
-        save_figure(curves, out / f"curves_t{t:04d}.png")
-        return {f"freq/maps/t{t:04d}": figure_to_rgb(maps), f"freq/curves/t{t:04d}": figure_to_rgb(curves)}
+        return {
+            f"freq/maps/t{t:04d}": render_figure(maps, out / f"maps_t{t:04d}.png"),
+            f"freq/curves/t{t:04d}": render_figure(curves, out / f"curves_t{t:04d}.png"),
+        }
 
     @staticmethod
     def _plot_faces(faces: dict[str, SpectrumResult], path: Path) -> np.ndarray:
-        from consisid_lab.analysis.plots import figure_to_rgb, new_figure, save_figure
+        from consisid_lab.analysis.plots import new_figure, render_figure
 
         fig = new_figure(3.2 * (len(faces) + 1), 3.0)
         axes = fig.subplots(1, len(faces) + 1, squeeze=False)[0]
@@ -386,8 +387,7 @@ class FrequencyAnalysisCallback(pl.Callback):
         axes[-1].set_xlabel("normalised frequency (1 = Nyquist)")
         axes[-1].set_ylabel("relative log amplitude")
         axes[-1].legend(fontsize=7)
-        save_figure(fig, path)
-        return figure_to_rgb(fig)
+        return render_figure(fig, path)
 
     @staticmethod
     def _log(trainer: pl.Trainer, scalars: dict[str, float], images: dict[str, np.ndarray]) -> None:
