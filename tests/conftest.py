@@ -29,6 +29,9 @@ TINY_OVERRIDES = [
     "model.text_encoder.max_length=16",
     "model.sampling.num_steps=2",
     "~callbacks.progress",
+    # Spectra and scalars without their figures: drawing them was most of a tiny run's time (tests of the
+    # figures build the callback themselves, tests/test_frequency_callback.py).
+    "callbacks.frequency.figures=false",
 ]
 
 

@@ -204,6 +204,23 @@ def test_callback_rejects_patterns_matching_nothing(tmp_path):
         callback.matched_modules(TinyModule())
 
 
+def test_without_figures_the_spectra_and_scalars_are_written_and_no_png(tmp_path):
+    torch.manual_seed(0)
+    module = TinyModule()
+    callback = FrequencyAnalysisCallback(every_n_val_epochs=1, timesteps=[800], face_size=8, figures=False)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+        callbacks=[callback], accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, _loader(), _loader())
+    (epoch,) = (tmp_path / "spectra").iterdir()
+    names = {p.name for p in epoch.iterdir()}
+    assert "scalars.json" in names and "generated_faces.npz" in names
+    assert "t0800__backbone.transformer.transformer_blocks.0.npz" in names
+    assert not [n for n in names if n.endswith(".png")]
+
+
 def test_a_rendered_figure_is_drawn_once_and_its_png_holds_the_returned_pixels(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image

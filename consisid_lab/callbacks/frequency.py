@@ -152,6 +152,8 @@ class FrequencyAnalysisCallback(pl.Callback):
         face_channels: ``gray`` (luma) or ``rgb`` crops.
         on_test: run once more at test end and write ``<out_dir>/generated_faces.npz``.
         eps: added to ``|F|`` before the log.
+        figures: draw the maps, curves and face-spectrum figures (PNG files and logged images); ``False`` keeps
+            the spectra and scalars alone (drawing is most of an analysis's cost at small sizes).
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class FrequencyAnalysisCallback(pl.Callback):
         face_channels: str = "gray",
         on_test: bool = True,
         eps: float = DEFAULT_EPS,
+        figures: bool = True,
     ) -> None:
         super().__init__()
         if every_n_val_epochs < 0:
@@ -180,6 +183,7 @@ class FrequencyAnalysisCallback(pl.Callback):
         self.face_channels = face_channels
         self.on_test = on_test
         self.eps = eps
+        self.figures = figures
         self.val_epochs = 0
         # scalars of the latest analysis, ``freq/<tensor>/<scalar>``; after testing these include
         # ``freq/generated_faces/*`` for the run's metrics file
@@ -331,11 +335,12 @@ class FrequencyAnalysisCallback(pl.Callback):
                 result.name = key
                 result.to_npz(out / f"{_file_stem(key)}.npz")
                 scalars.update({f"freq/{key}/{k}": v for k, v in result.scalars.items()})
-            images.update(self._plot_timestep(t, per_t, short, out))
+            if self.figures:
+                images.update(self._plot_timestep(t, per_t, short, out))
         for name, result in faces.items():
             result.to_npz(out / f"{name}.npz")
             scalars.update({f"freq/{name}/{k}": v for k, v in result.scalars.items()})
-        if faces:
+        if faces and self.figures:
             images["freq/faces"] = self._plot_faces(faces, out / "faces.png")
         (out / "scalars.json").parent.mkdir(parents=True, exist_ok=True)
         (out / "scalars.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
