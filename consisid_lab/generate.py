@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from consisid_lab.models.consisid import consisid_features
 from consisid_lab.models.denoiser import Conditions
 from consisid_lab.models.diffusion import sample
+from consisid_lab.models.sampling import check_guidance_drops
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def sampling_settings(cfg: Mapping[str, Any], defaults: Mapping[str, Any], sourc
         num_steps=int(values["num_steps"]),
         guidance_scale=float(values["guidance_scale"]),
         use_dynamic_cfg=bool(values["use_dynamic_cfg"]),
-        guidance_drops=guidance_drops(values["guidance_drops"]),
+        guidance_drops=check_guidance_drops(values["guidance_drops"]),
     )
     if settings.num_steps < 1:
         raise ValueError(f"num_steps={settings.num_steps} must be >= 1")
@@ -125,18 +126,6 @@ def sampling_settings(cfg: Mapping[str, Any], defaults: Mapping[str, Any], sourc
         " ".join(f"{k}={v}" for k, v in given.items()) or "none",
     )
     return settings
-
-
-def guidance_drops(value: Any) -> tuple[str, ...]:
-    """``guidance_drops`` as a tuple: a list (``[text, identity]``) or one name."""
-    drops = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
-    unknown = sorted(set(drops) - {"text", "identity"})
-    if unknown or not drops:
-        raise ValueError(
-            f"guidance_drops={list(drops)}: name what the unconditional branch drops, a non-empty subset of "
-            "[text, identity], e.g. guidance_drops=[text,identity]"
-        )
-    return drops
 
 
 def check_video_size(

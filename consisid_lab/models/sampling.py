@@ -22,6 +22,19 @@ from consisid_lab.models.knobs import applied as knobs_applied
 if TYPE_CHECKING:
     from diffusers import CogVideoXDPMScheduler
 
+GUIDANCE_DROPS = ("text", "identity")  # what guidance's unconditional branch may leave out
+
+
+def check_guidance_drops(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``guidance_drops`` (one name or a list of them) as a tuple; a ValueError naming the valid set otherwise."""
+    drops = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+    if not drops or set(drops) - set(GUIDANCE_DROPS):
+        raise ValueError(
+            f"guidance_drops={list(drops)}: name what the unconditional branch drops, a non-empty subset of "
+            "[text, identity], e.g. guidance_drops=[text,identity]"
+        )
+    return drops
+
 
 @torch.no_grad()
 def sample_video(
@@ -65,12 +78,7 @@ def sample_video(
     codec = denoiser.vae
     b = len(captions)
     f, c, h, w = codec.latent_shape(num_frames, height, width)
-    drops = tuple(guidance_drops)
-    unknown = sorted(set(drops) - {"text", "identity"})
-    if unknown or not drops:
-        raise ValueError(
-            f"guidance_drops={list(drops)}: the unconditional branch drops a non-empty subset of ['text', 'identity']"
-        )
+    drops = check_guidance_drops(guidance_drops)
     g, tokens = denoiser.identity(face.to(device), kps.to(device), f)
     text = denoiser.encode_text(list(captions)).float()
     do_cfg = guidance_scale > 1.0 if released_cfg_rule else guidance_scale != 1.0
@@ -85,41 +93,38 @@ def sample_video(
     def kv_of(t: Tensor | None) -> IdentityKV | Tensor | None:
         return IdentityKV(t) if t is not None and knobs.identity_kv_cache else t
 
-    def zeroed(x: Tensor | None) -> Tensor | None:
-        return None if x is None else torch.zeros_like(x)
-
-    # One set of model inputs per branch; the batched [cond; uncond] call gets their concatenation. The inputs
-    # dicts are told apart by identity (``is``), so each branch keeps its own step cache and identity K/V.
+    # Model inputs of each branch; the batched [cond; uncond] call gets their concatenation. The sampler hands
+    # back these very dicts, so ``is`` tells the branches apart: each keeps its own step cache and identity K/V.
     cond_in = {"text": text, "global": g}
-    branches: dict[int, tuple[str, Any]] = {id(cond_in): ("cond", kv_of(tokens))}
+    cond_kv = uncond_kv = both_kv = kv_of(tokens)
     uncond_in = None
     if do_cfg:
         drop_id = "identity" in drops
         uncond_in = {
             "text": denoiser.encode_text(list(negative)).float() if "text" in drops else text,
-            "global": zeroed(g) if drop_id else g,
+            "global": torch.zeros_like(g) if drop_id and g is not None else g,
         }
-        tokens_u = zeroed(tokens) if drop_id else tokens
-        branches[id(uncond_in)] = ("uncond", kv_of(tokens_u) if drop_id else branches[id(cond_in)][1])
-        both = None if tokens is None else (torch.cat([tokens, tokens_u]) if drop_id else tokens)
-        both_tokens = kv_of(both) if drop_id else branches[id(cond_in)][1]
+        if drop_id and tokens is not None:
+            zeros = torch.zeros_like(tokens)
+            uncond_kv, both_kv = kv_of(zeros), kv_of(torch.cat([tokens, zeros]))
 
     def model_fn(x_t: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
         n = x_t.shape[0]  # B, or 2B when the CFG halves are batched
-        branch, id_tokens = branches.get(id(inputs), ("both", None))
-        if branch == "both":
-            id_tokens = both_tokens
+        if inputs is cond_in:
+            branch, id_tokens = "cond", cond_kv
+        elif inputs is uncond_in:
+            branch, id_tokens = "uncond", uncond_kv
+        else:
+            branch, id_tokens = "both", both_kv
         calls[0] += 1
         glob = inputs["global"]
-        if isinstance(id_tokens, Tensor):
-            id_tokens = repeat_batch(id_tokens, n)
         return denoiser(
             x_t,
             t,
             Conditions(
                 text=inputs["text"],
                 global_latent=None if glob is None else repeat_batch(glob, n),
-                identity_tokens=id_tokens,
+                identity_tokens=repeat_batch(id_tokens, n) if isinstance(id_tokens, Tensor) else id_tokens,
             ),
             step_cache=cache.branch(branch) if cache is not None else None,
         )
@@ -145,17 +150,10 @@ def sample_video(
         stats.update(
             model_calls=calls[0],
             step_cache_hits=cache.hits if cache is not None else 0,
-            identity_kv_computed=sum(k.computed for k in _kv_memos(branches, both_tokens if do_cfg else None))
-            if knobs.identity_kv_cache and tokens is not None
+            identity_kv_computed=sum(
+                kv.computed for kv in {id(kv): kv for kv in (cond_kv, uncond_kv, both_kv)}.values()
+            )
+            if isinstance(cond_kv, IdentityKV)
             else None,
         )
     return codec.decode(x0.to(text.dtype)).float().clamp(-1, 1)
-
-
-def _kv_memos(branches: Mapping[int, tuple[str, Any]], both: Any) -> list[IdentityKV]:
-    """The distinct identity K/V memos of the sampling branches."""
-    seen: dict[int, IdentityKV] = {}
-    for _, kv in [*branches.values(), ("both", both)]:
-        if isinstance(kv, IdentityKV):
-            seen[id(kv)] = kv
-    return list(seen.values())
