@@ -19,7 +19,8 @@ different stand-in encoders (``benchmark.version``) are refused, never averaged.
 - ``report_curves.png`` / ``report_grad_norm.png``: the validation identity gap and the gradient norm against
   step, one line per row (mean over seeds, ±1 sd band); the area under the identity-gap curve is the
   ``val_identity_gap_auc`` column;
-- with ``--claims``: ``report_claims.csv`` (paired difference per claim: seeds, mean, 95% CI, MDE, verdict) and
+- with ``--claims``: ``report_claims.csv`` (paired difference per claim: seeds, mean, 95% CI (the union of the
+  bootstrap and paired t intervals), MDE, verdict) and
   ``report_forest.png`` (``consisid_lab.analysis.claims`` describes the file, ``consisid_lab.analysis.stats``
   the statistics).
 
@@ -212,8 +213,9 @@ def markdown(
     if claims is not None:
         lines += ["", "## Claims", ""]
         lines += [
-            "Paired by seed: difference = treatment - control; 95% bootstrap CI of its mean; MDE = the smallest "
-            "mean difference a paired t-test (alpha 0.05, power 0.8) detects at this seed count and spread.",
+            "Paired by seed: difference = treatment - control; 95% CI of its mean = the wider of the bootstrap and the "
+            "paired t interval (a bootstrap of a few seeds cannot leave their range); MDE = the smallest mean "
+            "difference a paired t-test (alpha 0.05, power 0.8) detects at this seed count and spread.",
             "",
             "| claim | treatment | control | metric | expected | seeds | difference | 95% CI | MDE | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -374,6 +376,7 @@ def write_claims(out: Path, results: list[ClaimResult]) -> Path:
         writer.writerow(
             ["claim", "treatment", "control", "metric", "direction", "n_seeds", "seeds", "differences"]
             + ["mean_difference", "sd_difference", "ci_low", "ci_high", "mde", "verdict"]
+            + ["bootstrap_ci_low", "bootstrap_ci_high", "t_ci_low", "t_ci_high"]
         )
         for res in results:
             c, d = res.claim, res.difference
@@ -381,6 +384,7 @@ def write_claims(out: Path, results: list[ClaimResult]) -> Path:
                 [c.claim, c.treatment, c.control, c.metric, c.direction, d.n, " ".join(map(str, d.seeds))]
                 + [" ".join(repr(x) for x in d.differences), repr(d.mean), repr(d.sd), repr(d.ci_low)]
                 + [repr(d.ci_high), repr(d.mde), res.verdict]
+                + [repr(d.boot_low), repr(d.boot_high), repr(d.t_low), repr(d.t_high)]
             )
     return path
 

@@ -60,9 +60,10 @@ def test_batch_shapes_dtypes_and_ranges() -> None:
         assert images.min() >= -1.0 and images.max() <= 1.0 and images.min() < 0.0
     for mask in (batch.face_mask, batch.ref_mask, batch.intra_mask):
         assert set(mask.unique().tolist()) == {0.0, 1.0}
-    # val is not shuffled: items 0, 1, 2 = identity 0 clips 0-1, identity 1 clip 0
-    assert batch.clip_id.tolist() == [0, 1, 2]
-    assert batch.identity.tolist() == [0, 0, 1]
+    # val is not shuffled but clip-major (2 identities x 2 clips): identity 0 clip 0, identity 1 clip 0, identity 0
+    # clip 1 (item indices 0, 2, 1)
+    assert batch.clip_id.tolist() == [0, 2, 1]
+    assert batch.identity.tolist() == [0, 1, 0]
 
 
 def test_items_match_the_clip_they_come_from() -> None:
@@ -253,3 +254,17 @@ def test_datamodule_reads_through_the_cache(tmp_path) -> None:
     assert len(list(tmp_path.rglob("*.npz"))) == 3
     _assert_batches_equal(batch, next(iter(_dm(cache_dir=str(tmp_path)).val_dataloader())))
     _assert_batches_equal(batch, next(iter(_dm().val_dataloader())))
+
+
+def test_evaluation_batches_interleave_identities() -> None:
+    """Val / test batches come clip-major: each batch holds distinct identities (the shuffled-reference controls
+    need another identity in the batch), and every clip is served exactly once."""
+    dm = _dm(num_val_identities=5, num_test_identities=6, clips_per_identity=4, batch_size=4)
+    for loader, n in ((dm.val_dataloader(), 5), (dm.test_dataloader(), 6)):
+        batches = list(loader)
+        first = batches[0]
+        assert len(set(first.identity.tolist())) == 4, first.identity.tolist()
+        seen = [(int(i), int(c)) for b in batches for i, c in zip(b.identity, b.clip_id)]
+        assert len(seen) == len(set(seen)) == n * 4
+        # the first n clips served are the first clip of every identity
+        assert sorted(i for i, _ in seen[:n]) == list(range(n))

@@ -107,6 +107,20 @@ def test_paired_difference_pairs_by_seed_and_names_missing_seeds():
         paired_difference({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0.0, 1: 0.0}, "'full'", "'no_global'")
 
 
+def test_three_seeds_one_way_are_not_enough_when_their_spread_is_wide():
+    """A bootstrap interval stays inside the seeds' range (it excludes 0 whenever all differences are positive);
+    the verdict's interval is the union with the paired t interval, which does not."""
+    diffs = {0: 0.01, 1: 0.2, 2: 0.05}
+    d = paired_difference(diffs, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert d.boot_low > 0, "the bootstrap alone would call this supported"
+    mean, sd = np.mean(list(diffs.values())), np.std(list(diffs.values()), ddof=1)
+    assert d.t_low == pytest.approx(mean - 4.3027 * sd / np.sqrt(3), abs=1e-3) and d.t_low < 0
+    assert (d.ci_low, d.ci_high) == (min(d.boot_low, d.t_low), max(d.boot_high, d.t_high))
+    assert verdict(d.ci_low, d.ci_high, "higher") == "inconclusive"
+    tight = paired_difference({0: 0.30, 1: 0.31, 2: 0.29}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert verdict(tight.ci_low, tight.ci_high, "higher") == "supported"
+
+
 def test_recorded_overrides_drop_bookkeeping():
     given = ["+experiment=full", "seed=1", "model/fuser=mlp", "model.lr=1e-4", "data.batch_size=2"]
     given += ["paths.cache_dir=/x", "ckpt_path=/y", "hydra.sweep.dir=/z", "logger=csv", "~callbacks.progress"]

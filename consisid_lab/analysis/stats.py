@@ -12,6 +12,10 @@ effect, from the t distribution:
 the smallest true mean difference that a two-sided paired t-test at level ``alpha`` detects with probability
 ``power`` (defaults 0.05 and 0.8) given the spread the seeds showed. An effect below the MDE is not evidence of
 no effect: more seeds are.
+
+A bootstrap interval never leaves the range of the seeds' values, so with three seeds that all point one way it
+excludes 0 whatever their spread (a sign test of three seeds has p = 0.25). Verdicts therefore use the wider of
+the bootstrap interval and the paired t interval ``mean +- t_{1-alpha/2, n-1} sd / sqrt(n)``.
 """
 
 from __future__ import annotations
@@ -98,9 +102,24 @@ def verdict(ci_low: float, ci_high: float, direction: str) -> str:
     return "inconclusive"
 
 
+def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t interval of the mean, ``mean +- t_{(1+confidence)/2, n-1} sd / sqrt(n)``; ``(nan, nan)`` below
+    two values."""
+    from scipy.stats import t
+
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"t_interval takes a 1-d sequence of values, got shape {arr.shape}")
+    if len(arr) < 2 or not np.all(np.isfinite(arr)):
+        return float("nan"), float("nan")
+    half = float(t.ppf((1 + confidence) / 2, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr)))
+    return float(arr.mean()) - half, float(arr.mean()) + half
+
+
 @dataclass(frozen=True)
 class PairedDifference:
-    """``treatment - control`` per shared seed, with its mean, 95% bootstrap interval and MDE."""
+    """``treatment - control`` per shared seed: its mean, 95% bootstrap and t intervals, and MDE. ``ci_low`` /
+    ``ci_high`` are the interval the verdict uses: the wider of the two (their union)."""
 
     seeds: tuple[int, ...]
     differences: tuple[float, ...]
@@ -109,6 +128,10 @@ class PairedDifference:
     ci_low: float
     ci_high: float
     mde: float
+    boot_low: float = float("nan")
+    boot_high: float = float("nan")
+    t_low: float = float("nan")
+    t_high: float = float("nan")
 
     @property
     def n(self) -> int:
@@ -147,7 +170,11 @@ def paired_difference(
     seeds = tuple(sorted(treatment))
     diffs = np.asarray([treatment[s] - control[s] for s in seeds], dtype=np.float64)
     sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan")
-    low, high = bootstrap_mean_ci(diffs)
+    boot_low, boot_high = bootstrap_mean_ci(diffs)
+    t_low, t_high = t_interval(diffs)
+    # the union; a nan bound (fewer than two seeds) makes the interval undefined: inconclusive
+    low = float("nan") if math.isnan(boot_low) or math.isnan(t_low) else min(boot_low, t_low)
+    high = float("nan") if math.isnan(boot_high) or math.isnan(t_high) else max(boot_high, t_high)
     mde = minimal_detectable_effect(sd, len(diffs)) if len(diffs) > 1 else float("inf")
     return PairedDifference(
         seeds=seeds,
@@ -157,4 +184,8 @@ def paired_difference(
         ci_low=low,
         ci_high=high,
         mde=mde,
+        boot_low=boot_low,
+        boot_high=boot_high,
+        t_low=t_low,
+        t_high=t_high,
     )

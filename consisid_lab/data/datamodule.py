@@ -157,6 +157,19 @@ def collate_video_batch(items: list[dict]) -> VideoBatch:
     )
 
 
+def evaluation_order(ds: SyntheticClipDataset) -> list[int]:
+    """Evaluation clips clip-major: the first clip of every identity, then the second, and so on.
+
+    A validation or test pass scores its first ``sampling.val_batches`` / ``test_batches`` batches; in storage
+    order (identity-major) two test batches of 8 hold only 4 identities, and a batch of 4 a single one, which
+    leaves no other identity for the shuffled-reference controls (``identity_gap`` would be missing). In this order
+    every batch holds ``min(batch_size, identities)`` distinct identities, and the first batches cover as many
+    identities as they can.
+    """
+    n, k = ds.num_identities, ds.clips_per_identity
+    return [i * k + c for c in range(k) for i in range(n)]
+
+
 class SyntheticDataModule(L.LightningDataModule):
     """The embedded benchmark as a datamodule: train / val / test identities are disjoint by construction
     (disjoint seed ranges of :func:`identity_seed`, also disjoint from the stand-in encoders' ``encoder`` and
@@ -242,7 +255,7 @@ class SyntheticDataModule(L.LightningDataModule):
             self.setup()
         return self.datasets[split]
 
-    def _loader(self, split: str, sampler: ResumableSampler | None = None) -> DataLoader:
+    def _loader(self, split: str, sampler: ResumableSampler | list[int] | None = None) -> DataLoader:
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
@@ -272,10 +285,10 @@ class SyntheticDataModule(L.LightningDataModule):
         return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", evaluation_order(self.dataset("val")))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", evaluation_order(self.dataset("test")))
 
     def fixed_indices(self, split: str = "test", num: int | None = None) -> list[int]:
         """Item indices of a fixed evaluation set: the first clip of identities ``0 .. num - 1`` of ``split``
