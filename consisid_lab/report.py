@@ -213,8 +213,8 @@ def markdown(
     if claims is not None:
         lines += ["", "## Claims", ""]
         lines += [
-            "Paired by seed: difference = treatment - control; 95% CI of its mean = the wider of the bootstrap and the "
-            "paired t interval (a bootstrap of a few seeds cannot leave their range); MDE = the smallest mean "
+            "Paired by seed: difference = treatment - control; 95% CI of its mean = the wider of the bootstrap and "
+            "the paired t interval (a bootstrap of a few seeds cannot leave their range); MDE = the smallest mean "
             "difference a paired t-test (alpha 0.05, power 0.8) detects at this seed count and spread.",
             "",
             "| claim | treatment | control | metric | expected | seeds | difference | 95% CI | MDE | verdict |",
