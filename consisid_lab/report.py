@@ -215,15 +215,19 @@ def markdown(
         lines += [
             "Paired by seed: difference = treatment - control; 95% CI of its mean = the wider of the bootstrap and "
             "the paired t interval (a bootstrap of a few seeds cannot leave their range); MDE = the smallest mean "
-            "difference a paired t-test (alpha 0.05, power 0.8) detects at this seed count and spread.",
+            "difference a paired t-test (alpha 0.05, power 0.8) detects at this seed count and spread; seeds needed = "
+            "the smallest seed count whose MDE at this spread is at most the observed difference (- : over 100).",
             "",
-            "| claim | treatment | control | metric | expected | seeds | difference | 95% CI | MDE | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| claim | treatment | control | metric | expected | seeds | difference | 95% CI | MDE | seeds needed "
+            "| verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for res in claims:
             c, d = res.claim, res.difference
             cells = [c.claim, c.treatment, c.control, c.metric, c.direction, f"{d.n} ({','.join(map(str, d.seeds))})"]
-            cells += [_fmt(d.mean), f"[{_fmt(d.ci_low)}, {_fmt(d.ci_high)}]", _fmt(d.mde), f"**{res.verdict}**"]
+            needed = "-" if d.seeds_needed is None else str(d.seeds_needed)
+            cells += [_fmt(d.mean), f"[{_fmt(d.ci_low)}, {_fmt(d.ci_high)}]", _fmt(d.mde), needed]
+            cells.append(f"**{res.verdict}**")
             lines.append("| " + " | ".join(_md_escape(x) for x in cells) + " |")
     incomplete = [r for r in runs if r.status != "completed"]
     label_of = {id(r): row.label for row in rows for r in row.completed + row.incomplete}
@@ -376,7 +380,7 @@ def write_claims(out: Path, results: list[ClaimResult]) -> Path:
         writer.writerow(
             ["claim", "treatment", "control", "metric", "direction", "n_seeds", "seeds", "differences"]
             + ["mean_difference", "sd_difference", "ci_low", "ci_high", "mde", "verdict"]
-            + ["bootstrap_ci_low", "bootstrap_ci_high", "t_ci_low", "t_ci_high"]
+            + ["bootstrap_ci_low", "bootstrap_ci_high", "t_ci_low", "t_ci_high", "seeds_needed"]
         )
         for res in results:
             c, d = res.claim, res.difference
@@ -384,7 +388,7 @@ def write_claims(out: Path, results: list[ClaimResult]) -> Path:
                 [c.claim, c.treatment, c.control, c.metric, c.direction, d.n, " ".join(map(str, d.seeds))]
                 + [" ".join(repr(x) for x in d.differences), repr(d.mean), repr(d.sd), repr(d.ci_low)]
                 + [repr(d.ci_high), repr(d.mde), res.verdict]
-                + [repr(d.boot_low), repr(d.boot_high), repr(d.t_low), repr(d.t_high)]
+                + [repr(d.boot_low), repr(d.boot_high), repr(d.t_low), repr(d.t_high), d.seeds_needed or ""]
             )
     return path
 

@@ -19,6 +19,7 @@ from consisid_lab.analysis.stats import (
     bootstrap_mean_ci,
     minimal_detectable_effect,
     paired_difference,
+    seeds_needed,
     verdict,
 )
 from consisid_lab.utils.run import recorded_overrides
@@ -119,6 +120,15 @@ def test_three_seeds_one_way_are_not_enough_when_their_spread_is_wide():
     assert verdict(d.ci_low, d.ci_high, "higher") == "inconclusive"
     tight = paired_difference({0: 0.30, 1: 0.31, 2: 0.29}, {0: 0.0, 1: 0.0, 2: 0.0})
     assert verdict(tight.ci_low, tight.ci_high, "higher") == "supported"
+
+
+def test_seeds_needed_is_the_first_count_whose_mde_reaches_the_effect():
+    n = seeds_needed(0.05, 0.04)
+    assert minimal_detectable_effect(0.05, n) <= 0.04 < minimal_detectable_effect(0.05, n - 1)
+    assert seeds_needed(0.05, -0.04) == n, "the sign of the effect does not matter"
+    assert seeds_needed(0.0, 0.1) == 2 and seeds_needed(1.0, 0.0) is None and seeds_needed(1.0, 1e-4) is None
+    d = paired_difference({0: 0.3, 1: 0.2, 2: 0.25}, {0: 0.2, 1: 0.2, 2: 0.2})
+    assert d.seeds_needed == seeds_needed(d.sd, d.mean)
 
 
 def test_recorded_overrides_drop_bookkeeping():

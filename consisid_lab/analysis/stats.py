@@ -86,6 +86,18 @@ def minimal_detectable_effect(sd: float, n: int, alpha: float = 1 - CONFIDENCE, 
     return float((t.ppf(1 - alpha / 2, df) + t.ppf(power, df)) * sd / math.sqrt(n))
 
 
+def seeds_needed(sd: float, effect: float, max_seeds: int = 100) -> int | None:
+    """Smallest seed count whose MDE at this spread is at most ``|effect|``: how many paired seeds would detect
+    an effect of the size observed (80 % power), were it real. None when no count up to ``max_seeds`` does (or the
+    effect is 0 or undefined); 2 when the differences have no spread."""
+    if not (math.isfinite(sd) and math.isfinite(effect)) or effect == 0:
+        return None
+    for n in range(2, max_seeds + 1):
+        if minimal_detectable_effect(sd, n) <= abs(effect):
+            return n
+    return None
+
+
 def verdict(ci_low: float, ci_high: float, direction: str) -> str:
     """``supported`` when the interval excludes 0 on the side ``direction`` claims (``higher``: treatment above
     control), ``contradicted`` when it excludes 0 on the other side, ``inconclusive`` otherwise (or undefined)."""
@@ -136,6 +148,11 @@ class PairedDifference:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def seeds_needed(self) -> int | None:
+        """Paired seeds that would detect the observed mean difference at the observed spread (``seeds_needed``)."""
+        return seeds_needed(self.sd, self.mean)
 
 
 class UnpairedSeedsError(ValueError):
