@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Study 2: every claim of claims.yaml on the embedded benchmark, paired seeds, then the report with verdicts.
 # Resumable: the sweep dirs are fixed, so running this again skips completed members and resumes the others.
-# CPU scale (2 cores, two members at a time on one thread each; about 90 minutes): STEPS=200, SEEDS=0,1,2.
+# CPU scale (2 cores, two members at a time on one thread each; under 90 minutes): STEPS=200, SEEDS=0,1,2.
 # On a GPU: STEPS=3000 SEEDS=0,1,2,3,4 OMP_NUM_THREADS=8 N_JOBS=1 bash experiments/study2_frequency_claims/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,8 +14,11 @@ EXPERIMENTS=${EXPERIMENTS:-full,no_global,no_local,no_keypoints,inject_after_blo
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Validation at half and at the end of training (the learning curves); the per-validation frequency
 # analysis is off (the test pass still writes spectra/generated_faces.npz for the Fig. 7 analogue).
+# The rendered clips are cached on disk (data.cache_dir, about 0.7 GB per seed): the 17 members of a seed render
+# them once and read them after (the same arrays: the metrics do not change).
 COMMON=(trainer.max_steps="$STEPS" trainer.val_check_interval=$((STEPS / 2)) model.sampling.test_batches=2
   logger=csv callbacks.frequency.every_n_val_epochs=0 callbacks.frequency.figures=false
+  'data.cache_dir=${paths.cache_dir}/clips'
   hydra/launcher=local_parallel hydra.launcher.n_jobs="$N_JOBS")
 train() { .venv/bin/python -m consisid_lab.train -m "$@" "seed=$SEEDS" "${COMMON[@]}"; }
 # 1. every composition on the benchmark's identities (both bands)

@@ -9,6 +9,10 @@ stacks that ``faulthandler`` wrote at a native crash), and the sweep goes on wit
 
 ``n_jobs`` members run at once (default 1: a sweep on one GPU runs its members one after another).
 
+Members are forked from a server process that has already imported torch, Lightning, diffusers and the project
+(``preload``, default true): each member still runs in its own process, but skips the imports that took a
+fifth of a short study member's time. ``hydra.launcher.preload=false`` starts each member as a fresh interpreter.
+
 Rerunning the same multirun command into the same sweep dir continues the sweep: a member whose
 ``metrics.json`` says ``completed`` (or ``diverged``: a result, which a rerun would only repeat) is skipped, one
 with a loadable checkpoint in its ``checkpoints/`` is resumed from it (``ckpt_path=<its run dir>``), any other is
@@ -58,11 +62,61 @@ class _Member:
         self.idx, self.overrides, self.config, self.run_dir, self.process = idx, overrides, config, run_dir, process
 
 
+# What a member imports before it runs (seconds of each member's start): imported once, in the fork server.
+PRELOAD_MODULES = [
+    "consisid_lab.train",
+    "consisid_lab.models.lit_module",
+    "consisid_lab.models.backbone",
+    "consisid_lab.encoders.store",
+    "diffusers",
+    "open_clip",
+    "wandb",
+    "lightning.pytorch.loggers",
+]
+
+
+class _ForkedProcess:
+    """A member forked from a server process that imported :data:`PRELOAD_MODULES` once (multiprocessing's
+    forkserver): still its own process, so a native death ends only it, without paying the imports again. The
+    interface is the part of ``subprocess.Popen`` the launcher uses; ``returncode`` follows Popen's convention
+    (``-N`` for a death by signal N)."""
+
+    _context = None
+
+    def __init__(self, run_dir: Path) -> None:
+        import multiprocessing
+
+        from hydra_plugins.consisid_lab_launcher.member import run_forked
+
+        if _ForkedProcess._context is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(PRELOAD_MODULES)
+            _ForkedProcess._context = context
+        self._process = _ForkedProcess._context.Process(target=run_forked, args=(str(run_dir),), daemon=False)
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self) -> int | None:
+        self._process.join()
+        return self._process.exitcode
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+
 class IsolatedLauncher(Launcher):
-    def __init__(self, n_jobs: int = 1, poll_interval_s: float = 0.2) -> None:
+    def __init__(self, n_jobs: int = 1, poll_interval_s: float = 0.2, preload: bool = True) -> None:
         if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
             raise ValueError(f"hydra.launcher.n_jobs must be an integer >= 1 (members run at once), got {n_jobs!r}")
         self.n_jobs = n_jobs
+        self.preload = bool(preload)
         self.poll_interval_s = float(poll_interval_s)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -192,8 +246,11 @@ class IsolatedLauncher(Launcher):
             (run_dir / name).unlink(missing_ok=True)
         payload = (self.hydra_context, self.task_function, sweep_config, Singleton.get_state())
         (run_dir / PAYLOAD_FILE).write_bytes(cloudpickle.dumps(payload))
-        cmd = [sys.executable, "-m", "hydra_plugins.consisid_lab_launcher.member", str(run_dir)]
-        process = subprocess.Popen(cmd, env=os.environ.copy())
+        if self.preload:
+            process: subprocess.Popen | _ForkedProcess = _ForkedProcess(run_dir)
+        else:
+            cmd = [sys.executable, "-m", "hydra_plugins.consisid_lab_launcher.member", str(run_dir)]
+            process = subprocess.Popen(cmd, env=os.environ.copy())
         return _Member(idx, overrides, sweep_config, run_dir, process)
 
     def _collect(self, member: _Member) -> JobReturn:

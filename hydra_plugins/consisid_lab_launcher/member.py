@@ -50,6 +50,15 @@ def run(run_dir: Path) -> int:
     return 0
 
 
+def run_forked(run_dir: str) -> None:
+    """Target of a member forked from the launcher's fork server: its exit code is :func:`run`'s."""
+    code = run(Path(run_dir))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        sys.exit(code)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(f"usage: python -m {__spec__.name if __spec__ else 'member'} RUN_DIR")
