@@ -81,6 +81,8 @@ def _sweep(sweep: Path, cache: Path, seeds: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "consisid_lab.train", "-m", *TINY_OVERRIDES, "trainer.max_steps=2", "test=false",
         "trainer.val_check_interval=100", f"paths.cache_dir={cache}", f"hydra.sweep.dir={sweep}", f"seed={seeds}",
+        # members as fresh interpreters: the fast sweep tests (tests/test_faults.py) run them forked (the default)
+        "hydra.launcher.preload=false",
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
