@@ -88,6 +88,36 @@ def test_guard_restores_weights_and_optimizer_state_of_the_last_good_step():
     assert all(torch.equal(a, b) for a, b in zip(good, net.parameters()))
 
 
+def test_ema_averages_every_trainable_weight_once_per_step_and_adopts_newly_unfrozen_ones():
+    from types import SimpleNamespace
+
+    from consisid_lab.models.ema import TrainableEMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    net[1].requires_grad_(False)
+    ema = TrainableEMA(decay=0.9)
+    ema.on_fit_start(None, net)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    trainer = SimpleNamespace(global_step=1)
+    ema.on_before_backward(trainer, net, torch.tensor(0.0))
+    ema.on_before_backward(trainer, net, torch.tensor(0.0))  # gradient accumulation: averaged once
+    assert set(ema.shadow) == {"0.weight", "0.bias"}
+    for n in ema.shadow:
+        assert torch.allclose(ema.shadow[n], 0.9 * start[n] + 0.1 * (start[n] + 1.0), atol=1e-6)
+    net[1].requires_grad_(True)  # a later training stage unfreezes it: its average starts at its weights
+    ema.on_before_backward(SimpleNamespace(global_step=2), net, torch.tensor(0.0))
+    assert torch.equal(ema.shadow["1.weight"], net[1].weight)
+    assert torch.allclose(
+        ema.shadow["0.bias"],
+        0.9 * (0.9 * start["0.bias"] + 0.1 * (start["0.bias"] + 1)) + 0.1 * (start["0.bias"] + 1),
+        atol=1e-6,
+    )
+
+
 # ------------------------------------------------------------------------------------------ NaN at step k
 def test_nan_loss_at_step_k_is_skipped_and_the_run_completes(train_cfg):
     cfg = train_cfg("trainer.max_steps=3", "test=false", *_fault("nan_loss", "1"))

@@ -36,6 +36,17 @@ def check_nan_settings(nan_policy: str, max_nonfinite_steps: int) -> None:
         )
 
 
+def _copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``t.copy_(s)`` for every pair, one foreach call per (dtype, device) group."""
+    groups: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
+    for t, s in zip(targets, sources, strict=True):
+        ts, ss = groups.setdefault((t.dtype, t.device), ([], []))
+        ts.append(t)
+        ss.append(s)
+    for ts, ss in groups.values():
+        torch._foreach_copy_(ts, ss)
+
+
 def optimised_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -108,11 +119,14 @@ class DivergenceGuard:
     def snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         """Copy the optimised parameters and their optimiser state (buffers reused from step to step)."""
         params = optimised_parameters(optimizer)
+        # Buffers are reused from step to step and filled by one foreach copy per dtype and device.
+        targets: list[Tensor] = []
+        sources: list[Tensor] = []
         if len(self._params) != len(params) or any(b.shape != p.shape for b, p in zip(self._params, params)):
             self._params = [p.detach().clone() for p in params]
         else:
-            for buf, p in zip(self._params, params):
-                buf.copy_(p)
+            targets.extend(self._params)
+            sources.extend(p.detach() for p in params)
         state: dict[int, dict[str, object]] = {}
         for i, p in enumerate(params):
             old = self._state.get(i, {})
@@ -120,14 +134,21 @@ class DivergenceGuard:
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, Tensor):
                     buf = old.get(key)
-                    if isinstance(buf, Tensor) and buf.shape == value.shape and buf.dtype == value.dtype:
-                        buf.copy_(value)
+                    if (
+                        isinstance(buf, Tensor)
+                        and buf.shape == value.shape
+                        and buf.dtype == value.dtype
+                        and buf.device == value.device
+                    ):
+                        targets.append(buf)
+                        sources.append(value.detach())
                     else:
                         buf = value.detach().clone()
                     saved[key] = buf
                 else:
                     saved[key] = value
             state[i] = saved
+        _copy_all(targets, sources)
         self._state = state
 
     @torch.no_grad()

@@ -55,11 +55,15 @@ class TrainableEMA(pl.Callback):
             for n, p in self._trainable(pl_module).items():
                 self.shadow[n] = p.detach().clone()
             return
+        shadows, weights = [], []
         for n, p in self._trainable(pl_module).items():
             if n not in self.shadow:  # a module unfrozen by a later training stage
                 self.shadow[n] = p.detach().clone()
             else:
-                self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+                shadows.append(self.shadow[n])
+                weights.append(p.detach())
+        if shadows:  # one call for all tensors (the per-tensor lerp_ in a Python loop was a twentieth of a CPU step)
+            torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
 
     def _swap_in(self, pl_module: pl.LightningModule) -> None:
         if not (self.use_for_eval and self.shadow):
