@@ -119,7 +119,7 @@ class DivergenceGuard:
     def snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         """Copy the optimised parameters and their optimiser state (buffers reused from step to step)."""
         params = optimised_parameters(optimizer)
-        # Buffers are reused from step to step and filled by one foreach copy per dtype and device.
+        # Reused buffers are filled at the end, by one foreach copy per dtype and device.
         targets: list[Tensor] = []
         sources: list[Tensor] = []
         if len(self._params) != len(params) or any(b.shape != p.shape for b, p in zip(self._params, params)):

@@ -10,8 +10,8 @@ stacks that ``faulthandler`` wrote at a native crash), and the sweep goes on wit
 ``n_jobs`` members run at once (default 1: a sweep on one GPU runs its members one after another).
 
 Members are forked from a server process that has already imported torch, Lightning, diffusers and the project
-(``preload``, default true): each member still runs in its own process, but skips the imports that took a
-fifth of a short study member's time. ``hydra.launcher.preload=false`` starts each member as a fresh interpreter.
+(``preload``, default true): each member still runs in its own process, but skips those imports (about 7 s of a
+member's start on 2 CPU threads). ``hydra.launcher.preload=false`` starts each member as a fresh interpreter.
 
 Rerunning the same multirun command into the same sweep dir continues the sweep: a member whose
 ``metrics.json`` says ``completed`` (or ``diverged``: a result, which a rerun would only repeat) is skipped, one
@@ -94,7 +94,6 @@ class _ForkedProcess:
             _ForkedProcess._context = context
         self._process = _ForkedProcess._context.Process(target=run_forked, args=(str(run_dir),), daemon=False)
         self._process.start()
-        self.pid = self._process.pid
 
     @property
     def returncode(self) -> int | None:

@@ -51,12 +51,9 @@ def run(run_dir: Path) -> int:
 
 
 def run_forked(run_dir: str) -> None:
-    """Target of a member forked from the launcher's fork server: its exit code is :func:`run`'s."""
-    code = run(Path(run_dir))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code:
-        sys.exit(code)
+    """Target of a member forked from the launcher's fork server: its exit code is :func:`run`'s (multiprocessing
+    flushes the standard streams on the way out)."""
+    sys.exit(run(Path(run_dir)))
 
 
 if __name__ == "__main__":
