@@ -101,8 +101,9 @@ def control_videos(refs: Tensor, videos: Tensor, seed: int = 0) -> dict[str, Ten
 
 
 def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str, float]]:
-    """``{control: {metric: value}}``: gated FaceSim / -Low / -High of each control against the references, its face
-    rate, its copy-paste ratio and its background gap (the corners' colour error against a clip of another
+    """``{control: {metric: value}}``: gated FaceSim / -Low / -High of each control against the references, the
+    identity gap in each band (own reference minus every other one; 0 for a control that carries no identity), its
+    face rate, its copy-paste ratio and its background gap (the corners' colour error against a clip of another
     caption minus against the clip's own, ``consisid_lab.metrics.background``)."""
     from consisid_lab.metrics.background import corner_colour
     from consisid_lab.metrics.evaluator_frozen import face_presence
@@ -115,10 +116,18 @@ def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str,
     other_bg = own_bg.roll(-1, dims=0)
     for name, vids in control_videos(refs, videos).items():
         bg = corner_colour(vids)
+        full, low, high = (
+            facesim_matrix(ev, refs, vids, gate)
+            for ev in (standins.evaluator, standins.evaluator_low, standins.evaluator_high)
+        )
         row = {
-            "facesim": facesim_matrix(standins.evaluator, refs, vids, gate).diagonal().mean(),
-            "facesim_low": facesim_matrix(standins.evaluator_low, refs, vids, gate).diagonal().mean(),
-            "facesim_high": facesim_matrix(standins.evaluator_high, refs, vids, gate).diagonal().mean(),
+            "facesim": full.diagonal().mean(),
+            "facesim_low": low.diagonal().mean(),
+            "facesim_high": high.diagonal().mean(),
+            # own reference against every other one: which identity, in each band, the control carries
+            "identity_gap": _own_minus_others(full),
+            "identity_gap_low": _own_minus_others(low),
+            "identity_gap_high": _own_minus_others(high),
             "face_rate": face_presence(gate, vids).mean(),
             "copy_paste": (videos - refs[:, None]).abs().mean()
             / (vids - refs[:, None]).abs().mean().clamp_min(COPY_FLOOR),
@@ -126,6 +135,12 @@ def control_table(standins, refs: Tensor, videos: Tensor) -> dict[str, dict[str,
         }
         out[name] = {k: float(v) for k, v in row.items()}
     return out
+
+
+def _own_minus_others(sim: Tensor) -> Tensor:
+    """Mean of the diagonal of a ``(K, K)`` reference x video FaceSim matrix minus the mean of its off-diagonal."""
+    off = ~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    return sim.diagonal().mean() - sim[off].mean()
 
 
 def codec_survival(standins, ref_set: ClipSet, same: ClipSet, high: ClipSet, low: ClipSet) -> dict[str, float]:

@@ -256,3 +256,50 @@ def test_background_error_follows_the_corner_colour_and_ignores_the_centre() -> 
         own.update(real, real[..., :16, :16])
     with pytest.raises(ValueError, match="fraction"):
         BackgroundError(fraction=0.75)
+
+
+class _AlwaysFace(torch.nn.Module):
+    def is_face(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.ones(images.shape[0], dtype=torch.bool)
+
+
+def test_band_identity_gaps_subtract_the_score_against_another_identity(monkeypatch) -> None:
+    """``identity_gap_low`` / ``identity_gap_high``: a band's FaceSim against the clip's own reference minus against
+    another identity's, for the generations and (``_real``) for the real clips. A generation that scores as high
+    against every reference (the same face for all) has a gap of 0 in both bands, whatever its FaceSim."""
+    from types import SimpleNamespace
+
+    import consisid_lab.encoders.store as store
+    from consisid_lab.metrics.benchmark import BenchmarkMetrics
+
+    standins = SimpleNamespace(
+        evaluator=_random_evaluator("full", 0),
+        evaluator_low=_random_evaluator("low", 1),
+        evaluator_high=_random_evaluator("high", 2),
+        face_gate=_AlwaysFace(),
+    )
+    monkeypatch.setattr(store, "load_standins", lambda *a, **k: standins)
+    ref, video = _videos(b=4, f=3)
+    batch = SimpleNamespace(ref_face=ref, video=video, identity=torch.arange(4))
+
+    def scores(generated: torch.Tensor) -> dict[str, float]:
+        metrics = BenchmarkMetrics()
+        metrics.update(batch, generated)
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    pasted = scores(ref[:, None].expand_as(video).contiguous())
+    for band in ("low", "high"):
+        assert pasted[f"facesim_{band}"] == pytest.approx(1.0, abs=1e-5)
+        assert pasted[f"identity_gap_{band}"] == pytest.approx(1.0 - pasted[f"facesim_{band}_shuffled"])
+        assert pasted[f"identity_gap_{band}"] > 0.05
+        # the real clips' own gap, the same for any generation
+        assert pasted[f"identity_gap_{band}_real"] == pytest.approx(
+            pasted[f"facesim_{band}_real"] - pasted[f"facesim_{band}_real_shuffled"]
+        )
+    same_face = scores(ref[:1, None].expand_as(video).contiguous())  # identity 0's face in every video
+    for band in ("low", "high"):
+        assert same_face[f"facesim_{band}"] > 0.05
+        assert same_face[f"identity_gap_{band}"] == pytest.approx(0.0, abs=1e-6)
+    real = scores(video)
+    for band in ("low", "high"):
+        assert real[f"identity_gap_{band}"] == pytest.approx(real[f"identity_gap_{band}_real"])

@@ -47,6 +47,7 @@ def test_validation_prints_controls_and_targets_as_its_last_line(tmp_path, capsy
     assert set(result["controls"]) == CONTROL_NAMES
     for row in result["controls"].values():
         assert {"facesim", "facesim_low", "facesim_high", "face_rate", "copy_paste"} <= set(row)
+        assert {"identity_gap", "identity_gap_low", "identity_gap_high"} <= set(row)
     assert set(result) >= FLAT_KEYS
     # The pasted reference is as close to the reference as a video can be: the copy-paste ratio flags it.
     assert result["controls"]["pasted_reference"]["copy_paste"] > 10 * result["controls"]["real"]["copy_paste"]
@@ -70,3 +71,9 @@ def test_default_benchmark_meets_every_target(tmp_path, capsys) -> None:
     result = _run(capsys, "--pairs", "64", "--cache-dir", str(tmp_path))
     failed = [name for name, ok in result["targets"].items() if not ok]
     assert not failed, failed
+    # Blurring removes the high band's identity and keeps the low band's; the controls without a face carry none.
+    controls = result["controls"]
+    assert controls["blurred"]["identity_gap_high"] < 0.5 * controls["real"]["identity_gap_high"]
+    assert controls["blurred"]["identity_gap_low"] > 0.5 * controls["real"]["identity_gap_low"]
+    for name in ("noise", "colour_noise", "grey"):
+        assert abs(controls[name]["identity_gap"]) <= 0.05, (name, controls[name])

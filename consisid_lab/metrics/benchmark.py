@@ -19,7 +19,10 @@ class BenchmarkMetrics:
     Every identity score is gated by the face gate (a frame without a face scores 0) and ``face_rate`` is the
     share of generated frames with a face. ``facesim_real`` / ``facesim_real_shuffled`` are the same FaceSim on the
     real clips (the ceiling a perfect generator reaches, and its chance level); ``identity_gap`` =
-    ``facesim - facesim_shuffled`` and ``identity_gap_real`` its real-clip counterpart. ``copy_paste`` compares how
+    ``facesim - facesim_shuffled`` and ``identity_gap_real`` its real-clip counterpart. ``identity_gap_low`` /
+    ``identity_gap_high`` (and their ``_real`` counterparts) are the same gap with a band evaluator: a face whose
+    FaceSim-High is only what any face of that shape scores (as high against another identity's reference) has a
+    high-band gap of 0. ``copy_paste`` compares how
     close generated and real frames are to the reference image itself; ``hf_energy_ratio`` is the generated / real
     ratio of the mean absolute difference of horizontally adjacent pixels (per-pixel noise scores far above 1, a
     blurred video below). ``background_error`` is how far the generated background's colour is from the real
@@ -45,6 +48,12 @@ class BenchmarkMetrics:
             "facesim_real_shuffled": FaceSim(standins.evaluator, gate),
             "facesim_low": FaceSimLow(standins.evaluator_low, gate),
             "facesim_high": FaceSimHigh(standins.evaluator_high, gate),
+            "facesim_low_shuffled": FaceSimLow(standins.evaluator_low, gate),
+            "facesim_high_shuffled": FaceSimHigh(standins.evaluator_high, gate),
+            "facesim_low_real": FaceSimLow(standins.evaluator_low, gate),
+            "facesim_high_real": FaceSimHigh(standins.evaluator_high, gate),
+            "facesim_low_real_shuffled": FaceSimLow(standins.evaluator_low, gate),
+            "facesim_high_real_shuffled": FaceSimHigh(standins.evaluator_high, gate),
             "face_rate": FaceRate(gate),
             "face_rate_real": FaceRate(gate),
             "copy_paste": CopyPaste(),
@@ -78,6 +87,8 @@ class BenchmarkMetrics:
         m["facesim_real"].update(ref, batch.video)
         m["facesim_low"].update(ref, video)
         m["facesim_high"].update(ref, video)
+        m["facesim_low_real"].update(ref, batch.video)
+        m["facesim_high_real"].update(ref, batch.video)
         m["face_rate"].update(video)
         m["face_rate_real"].update(batch.video)
         m["copy_paste"].update(ref, batch.video, video)
@@ -91,6 +102,9 @@ class BenchmarkMetrics:
         if other is not None:
             m["facesim_shuffled"].update(ref[other], video)
             m["facesim_real_shuffled"].update(ref[other], batch.video)
+            for band in ("low", "high"):
+                m[f"facesim_{band}_shuffled"].update(ref[other], video)
+                m[f"facesim_{band}_real_shuffled"].update(ref[other], batch.video)
             m["background_error_shuffled"].update(batch.video[other], video)
             m["background_error_real_shuffled"].update(batch.video[other], batch.video)
         self._updates += 1
@@ -107,6 +121,9 @@ class BenchmarkMetrics:
         if "facesim_shuffled" in out:
             out["identity_gap"] = out["facesim"] - out["facesim_shuffled"]
             out["identity_gap_real"] = out["facesim_real"] - out["facesim_real_shuffled"]
+            for band in ("low", "high"):  # the same gap in each identity band: which band's identity is carried
+                out[f"identity_gap_{band}"] = out[f"facesim_{band}"] - out[f"facesim_{band}_shuffled"]
+                out[f"identity_gap_{band}_real"] = out[f"facesim_{band}_real"] - out[f"facesim_{band}_real_shuffled"]
             out["background_gap"] = out["background_error_shuffled"] - out["background_error"]
             # the real clip's own error is 0: its gap is the chance level
             out["background_gap_real"] = out["background_error_real_shuffled"]
