@@ -327,6 +327,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--pairs must be >= 2 (negatives need a second identity), got {args.pairs}")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The same filter as the Hydra tasks' logs: open_clip's model-config lines stay out.
+    from consisid_lab.utils.logging_filters import ThirdPartyInfoFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ThirdPartyInfoFilter(drop_warnings=["No pretrained weights loaded"]))
     from consisid_lab.encoders.store import default_generator_config, load_standins
     from consisid_lab.encoders.training import Recipe
 
