@@ -171,6 +171,8 @@ def test_wandb_logs_offline_under_the_run_dir(train_cfg, monkeypatch):
     assert list((runs[0] / "files" / "media").rglob("*.mp4")), "sample videos are logged as mp4"
 
 
+# Slow (31 s): tests/test_faults.py's segfaulting sweep is the fast representative of a sweep surviving a member.
+@pytest.mark.slow
 def test_multirun_survives_a_failing_member(tmp_path, standin_cache):
     env = {**os.environ, "CONSISID_LAB_CACHE": str(standin_cache), "WANDB_MODE": "offline"}
     cmd = [
