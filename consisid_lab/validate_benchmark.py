@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     from consisid_lab.utils.logging_filters import ThirdPartyInfoFilter
 
     for handler in logging.getLogger().handlers:
-        handler.addFilter(ThirdPartyInfoFilter(drop_warnings=["No pretrained weights loaded"]))
+        handler.addFilter(ThirdPartyInfoFilter())
     from consisid_lab.encoders.store import default_generator_config, load_standins
     from consisid_lab.encoders.training import Recipe
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import os
 
+# open_clip's "No pretrained weights loaded" is printed before a stand-in's own weights are loaded into the model.
+MISLEADING_WARNINGS = ("No pretrained weights loaded",)
+
 
 class ThirdPartyInfoFilter(logging.Filter):
     """Drop records below WARNING emitted from inside the named packages, and known-misleading warnings.
 
     open_clip logs its model-config parsing on the root logger at INFO each time a stand-in CLIP is built, so
     filtering by logger name cannot catch it; the emitting file's path can. ``drop_warnings``: message prefixes of
-    warnings from those packages that do not apply here (open_clip's "No pretrained weights loaded" is printed
-    before the stand-in's own weights are loaded into the model).
+    warnings from those packages that do not apply here (by default :data:`MISLEADING_WARNINGS`).
     """
 
     def __init__(
-        self, packages: list[str] | tuple[str, ...] = ("open_clip",), drop_warnings: list[str] | tuple[str, ...] = ()
+        self,
+        packages: list[str] | tuple[str, ...] = ("open_clip",),
+        drop_warnings: list[str] | tuple[str, ...] = MISLEADING_WARNINGS,
     ) -> None:
         super().__init__()
         self.markers = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
