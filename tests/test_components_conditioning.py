@@ -287,6 +287,18 @@ def test_face_latent_encoder_places_face_and_keypoint_latents():
     assert none.channels(codec) == 0 and none(face, kps_image, codec, 4) is None
 
 
+def test_face_latent_encoder_can_give_every_latent_frame_the_reference():
+    codec = PixelCodec(spatial_factor=4)
+    face = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = FaceLatentEncoder(use_kps=False, face_frames="all")(face, None, codec, num_latent_frames=3)
+    for frame in range(3):
+        torch.testing.assert_close(out[:, frame], codec.encode_image(face)[:, 0])
+    with pytest.raises(ValueError, match="face_frames=all.*use_kps=false"):
+        FaceLatentEncoder(use_kps=True, face_frames="all")
+    with pytest.raises(ValueError, match="'first'.*'all', got 'every'"):
+        FaceLatentEncoder(face_frames="every")
+
+
 def test_face_latent_encoder_errors_name_the_settings():
     codec = PixelCodec(spatial_factor=4)
     face = torch.zeros(1, 3, 16, 16)

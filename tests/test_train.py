@@ -55,6 +55,9 @@ def test_every_experiment_trains_and_tests(experiment, train_cfg):
     ):
         assert key in record["metrics"], key
     assert record["components"]["backbone"] == "tiny"
+    # The reference's latent layout is recorded, so a report keeps the two layouts in separate rows.
+    layout = {"reference_every_frame": "all", "no_global": None}.get(experiment, "first")
+    assert record["components"].get("face_frames") == layout
     # The footprint: last.ckpt only (a checkpoint was due at every step of this run).
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
     # Samples are evidence: what the model made, as uint8 arrays beside the contact sheet.

@@ -67,9 +67,19 @@ class FaceLatentEncoder(GlobalEncoder):
     what to do with the extra channels.
     """
 
-    def __init__(self, use_kps: bool = False) -> None:
+    def __init__(self, use_kps: bool = False, face_frames: str = "first") -> None:
         super().__init__()
+        if face_frames not in ("first", "all"):
+            raise ValueError(
+                f"model.global_encoder.face_frames must be 'first' (the released layout) or 'all', got {face_frames!r}"
+            )
+        if face_frames == "all" and use_kps:
+            raise ValueError(
+                "model.global_encoder.face_frames=all puts the reference at every latent frame, leaving none for the "
+                "keypoint latent (use_kps=true); set model.global_encoder.use_kps=false or face_frames=first"
+            )
         self.use_kps = use_kps
+        self.face_frames = face_frames
 
     def channels(self, codec: LatentCodec) -> int:
         return codec.latent_channels
@@ -92,7 +102,10 @@ class FaceLatentEncoder(GlobalEncoder):
         out = torch.zeros(
             (face.shape[0], num_latent_frames, *face.shape[2:]), device=face.device, dtype=face.dtype
         )  # (B, f, C, h, w)
-        out[:, FACE_FRAME] = face[:, 0]
+        if self.face_frames == "all":
+            out[:] = face
+        else:
+            out[:, FACE_FRAME] = face[:, 0]
         if self.use_kps:
             out[:, KPS_FRAME] = codec.encode_image(kps_image)[:, 0]
         return out

@@ -111,6 +111,8 @@ def component_names(cfg: DictConfig) -> dict[str, str]:
         names["arcface_layer"] = str(model.local_encoder.arcface_layer)
     if "global_encoder" in model and "use_kps" in model.global_encoder:
         names["use_kps"] = str(bool(model.global_encoder.use_kps)).lower()
+    if "global_encoder" in model and model.global_encoder.get("face_frames"):
+        names["face_frames"] = str(model.global_encoder.face_frames)
     return names
 
 
