@@ -280,7 +280,8 @@ def test_band_identity_gaps_subtract_the_score_against_another_identity(monkeypa
     )
     monkeypatch.setattr(store, "load_standins", lambda *a, **k: standins)
     ref, video = _videos(b=4, f=3)
-    batch = SimpleNamespace(ref_face=ref, video=video, identity=torch.arange(4))
+    face_mask = torch.zeros(video.shape[0], video.shape[1], 1, *video.shape[3:])
+    batch = SimpleNamespace(ref_face=ref, video=video, identity=torch.arange(4), face_mask=face_mask)
 
     def scores(generated: torch.Tensor) -> dict[str, float]:
         metrics = BenchmarkMetrics()
@@ -303,3 +304,47 @@ def test_band_identity_gaps_subtract_the_score_against_another_identity(monkeypa
     real = scores(video)
     for band in ("low", "high"):
         assert real[f"identity_gap_{band}"] == pytest.approx(real[f"identity_gap_{band}_real"])
+
+
+def test_hf_energy_ratio_places_an_excess_on_the_face_or_the_background(monkeypatch) -> None:
+    """``hf_energy_ratio_face`` / ``_background`` split the HF energy ratio by the real clip's face mask: noise added
+    outside the face raises the background ratio alone, a blurred face lowers the face ratio alone."""
+    from types import SimpleNamespace
+
+    import consisid_lab.encoders.store as store
+    from consisid_lab.metrics.benchmark import BenchmarkMetrics
+
+    standins = SimpleNamespace(
+        evaluator=_random_evaluator("full", 0),
+        evaluator_low=_random_evaluator("low", 1),
+        evaluator_high=_random_evaluator("high", 2),
+        face_gate=_AlwaysFace(),
+    )
+    monkeypatch.setattr(store, "load_standins", lambda *a, **k: standins)
+    ref, coarse = _videos(b=4, f=3)
+    # smooth frames (4 x 4 noise upsampled bilinearly), so that added noise shows in the energy
+    video = torch.nn.functional.interpolate(coarse[..., :4, :4].flatten(0, 1), size=(32, 32), mode="bilinear")
+    video = video.unflatten(0, coarse.shape[:2])
+    face_mask = torch.zeros(video.shape[0], video.shape[1], 1, *video.shape[3:])
+    face_mask[..., 8:24, 8:24] = 1
+    batch = SimpleNamespace(ref_face=ref, video=video, identity=torch.arange(4), face_mask=face_mask)
+
+    def scores(generated: torch.Tensor) -> dict[str, float]:
+        metrics = BenchmarkMetrics()
+        metrics.update(batch, generated)
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    same = scores(video)
+    for key in ("hf_energy_ratio", "hf_energy_ratio_face", "hf_energy_ratio_background"):
+        assert same[key] == pytest.approx(1.0)
+    gen = torch.Generator().manual_seed(1)
+    noisy = video + 0.5 * torch.randn(video.shape, generator=gen) * (1 - face_mask)
+    noisy_bg = scores(noisy.clamp(-1, 1))
+    assert noisy_bg["hf_energy_ratio_background"] > 1.5
+    # pairs that touch the mask count as face: only its border changes
+    assert noisy_bg["hf_energy_ratio_face"] < noisy_bg["hf_energy_ratio_background"] / 2
+    blurred = video.clone()
+    blurred[..., 8:24, 8:24] = video[..., 8:24, 8:24].mean(dim=(-2, -1), keepdim=True)
+    flat_face = scores(blurred)
+    assert flat_face["hf_energy_ratio_face"] < 0.8
+    assert flat_face["hf_energy_ratio_background"] == pytest.approx(1.0)

@@ -25,7 +25,9 @@ class BenchmarkMetrics:
     high-band gap of 0. ``copy_paste`` compares how
     close generated and real frames are to the reference image itself; ``hf_energy_ratio`` is the generated / real
     ratio of the mean absolute difference of horizontally adjacent pixels (per-pixel noise scores far above 1, a
-    blurred video below). ``background_error`` is how far the generated background's colour is from the real
+    blurred video below); ``hf_energy_ratio_face`` / ``hf_energy_ratio_background`` split it by the real clip's
+    face mask (a pixel pair counts as face when either pixel is in it), so an excess is placed on the face or on
+    the background. ``background_error`` is how far the generated background's colour is from the real
     clip's (same caption; ``consisid_lab.metrics.background``), ``background_error_shuffled`` from another clip's,
     and ``background_gap`` their difference (0: the caption's background is not followed; ``background_gap_real``,
     the real clips' own, is the ceiling).
@@ -63,7 +65,7 @@ class BenchmarkMetrics:
             "background_error_shuffled": BackgroundError(),
             "background_error_real_shuffled": BackgroundError(),
         }
-        self._hf = {"generated": 0.0, "real": 0.0}
+        self._hf = dict.fromkeys(HF_KEYS, 0.0)
         self._updates = 0
 
     def to(self, device: torch.device | str) -> BenchmarkMetrics:
@@ -97,6 +99,11 @@ class BenchmarkMetrics:
         m["background_error"].update(batch.video, video)
         self._hf["generated"] += float(horizontal_energy(video).sum())
         self._hf["real"] += float(horizontal_energy(batch.video).sum())
+        face_pairs = horizontal_pair_mask(batch.face_mask)
+        for name, clip in (("generated", video), ("real", batch.video)):
+            diff = (clip[..., 1:] - clip[..., :-1]).abs().sum(2, keepdim=True)
+            self._hf[f"{name}_face"] += float((diff * face_pairs).sum())
+            self._hf[f"{name}_background"] += float((diff * (1 - face_pairs)).sum())
         # Shuffled reference: each video against the reference of a clip of another identity.
         other = _other_identity_index(batch.identity)
         if other is not None:
@@ -129,13 +136,27 @@ class BenchmarkMetrics:
             out["background_gap_real"] = out["background_error_real_shuffled"]
         if self._hf["real"] > 0:
             out["hf_energy_ratio"] = torch.tensor(self._hf["generated"] / self._hf["real"])
+        for region in ("face", "background"):
+            if self._hf[f"real_{region}"] > 0:
+                out[f"hf_energy_ratio_{region}"] = torch.tensor(
+                    self._hf[f"generated_{region}"] / self._hf[f"real_{region}"]
+                )
         return out
 
     def reset(self) -> None:
         for m in self.metrics.values():
             m.reset()
-        self._hf = {"generated": 0.0, "real": 0.0}
+        self._hf = dict.fromkeys(HF_KEYS, 0.0)
         self._updates = 0
+
+
+HF_KEYS = ("generated", "real", "generated_face", "real_face", "generated_background", "real_background")
+
+
+def horizontal_pair_mask(face_mask: Tensor) -> Tensor:
+    """``(B, F, 1, H, W-1)`` float: 1 where a pair of horizontally adjacent pixels touches the face mask."""
+    m = face_mask.float()
+    return torch.maximum(m[..., 1:], m[..., :-1])
 
 
 def horizontal_energy(video: Tensor) -> Tensor:
