@@ -38,6 +38,7 @@ def test_augmentations_are_off_by_default():
         ({"image_dropout": 1.5}, "image_dropout=1.5 must be a probability"),
         ({"image_noise": "yes"}, "image_noise='yes' must be true or false"),
         ({"image_noise_log_std": -1.0}, "image_noise_log_std=-1.0 must be >= 0"),
+        ({"mask_background_weight": 1.5}, r"mask_background_weight=1.5 must be in \[0, 1\]"),
     ],
 )
 def test_bad_settings_are_refused_by_name(raw, match):
@@ -132,6 +133,32 @@ def test_default_loss_is_unchanged_by_the_switches_that_are_off(train_cfg):
     assert losses[2] == losses[3]  # no mask this step: the normalisation does not matter
     module.loss_settings = replace(base, image_noise=True)
     assert module.compute_loss(batch)[0].item() != losses[0]
+
+
+def test_mask_background_weight_runs_from_the_face_alone_to_no_mask(train_cfg):
+    """``model.loss.mask_background_weight``: 0 is the paper's face-only masked step, 1 weighs the background like
+    the face (the unmasked loss, bit for bit), values between give a loss of its own."""
+    from consisid_lab.utils.instantiate import instantiate
+
+    cfg = train_cfg()
+    module = instantiate(cfg.model)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    batch = dm.fixed_batch("train")
+    masked = replace(module.loss_settings, mask_prob=1.0)
+    losses = {}
+    for name, settings in {
+        "face": masked,
+        "half": replace(masked, mask_background_weight=0.5),
+        "whole": replace(masked, mask_background_weight=1.0),
+        "no_mask": replace(masked, mask_prob=0.0),
+    }.items():
+        module.loss_settings = settings
+        torch.manual_seed(0)
+        losses[name] = module.compute_loss(batch)[0].item()
+    assert losses["whole"] == pytest.approx(losses["no_mask"], rel=1e-6)
+    assert losses["face"] != pytest.approx(losses["no_mask"], rel=1e-3)
+    assert min(losses["face"], losses["no_mask"]) < losses["half"] < max(losses["face"], losses["no_mask"])
 
 
 # ---------------------------------------------------------------------------------------------- mask normalisation

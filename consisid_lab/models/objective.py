@@ -58,6 +58,8 @@ class LossSettings:
     """``model.loss`` of the config (defaults: the paper's alpha = beta = 0.5)."""
 
     mask_prob: float = 0.5  # alpha: probability of the dynamic mask loss
+    # Weight of the background in a masked step (0: the paper's face-only loss; 1: no mask at all).
+    mask_background_weight: float = 0.0
     cross_face_prob: float = 0.5  # beta: probability of a reference from outside the clip
     cross_face_noise: float = 0.05  # std of the Gaussian noise on a cross-face reference, in [-1, 1] units
     text_dropout: float = 0.1
@@ -80,6 +82,11 @@ class LossSettings:
                 f"{list(MASK_NORMALISATIONS)}; "
                 "use per_sample (each sample's masked mean, the default) or batch (sum over the batch / mask sum, "
                 "as released)"
+            )
+        if not 0.0 <= self.mask_background_weight <= 1.0:
+            raise ValueError(
+                f"model.loss.mask_background_weight={self.mask_background_weight} must be in [0, 1] (0: the "
+                "paper's face-only mask loss, 1: the background weighs as much as the face)"
             )
         probs = ("mask_prob", "cross_face_prob", "text_dropout", "identity_dropout", "image_dropout")
         for name in probs:
@@ -340,6 +347,8 @@ def training_loss(
     noise = torch.randn(x0.shape, generator=gen).to(x0)
     use_mask = torch.rand((), generator=gen).item() < settings.mask_prob
     mask = latent_mask(batch.face_mask, x0.shape) if use_mask else None
+    if mask is not None and settings.mask_background_weight > 0:
+        mask = mask + settings.mask_background_weight * (1 - mask)
     terms = denoising_loss(
         denoiser, scheduler, x0, noise, t, cond, mask, settings.mask_normalisation, settings.weight_cap
     )
