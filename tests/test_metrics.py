@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -263,10 +265,9 @@ class _AlwaysFace(torch.nn.Module):
         return torch.ones(images.shape[0], dtype=torch.bool)
 
 
-def test_band_identity_gaps_subtract_the_score_against_another_identity(monkeypatch) -> None:
-    """``identity_gap_low`` / ``identity_gap_high``: a band's FaceSim against the clip's own reference minus against
-    another identity's, for the generations and (``_real``) for the real clips. A generation that scores as high
-    against every reference (the same face for all) has a gap of 0 in both bands, whatever its FaceSim."""
+def _benchmark_scorer(monkeypatch, batch) -> Callable[[torch.Tensor], dict[str, float]]:
+    """``BenchmarkMetrics`` on random evaluators and a gate that finds a face everywhere: generated videos -> the
+    metrics of one pass over ``batch``."""
     from types import SimpleNamespace
 
     import consisid_lab.encoders.store as store
@@ -279,15 +280,25 @@ def test_band_identity_gaps_subtract_the_score_against_another_identity(monkeypa
         face_gate=_AlwaysFace(),
     )
     monkeypatch.setattr(store, "load_standins", lambda *a, **k: standins)
-    ref, video = _videos(b=4, f=3)
-    face_mask = torch.zeros(video.shape[0], video.shape[1], 1, *video.shape[3:])
-    batch = SimpleNamespace(ref_face=ref, video=video, identity=torch.arange(4), face_mask=face_mask)
 
     def scores(generated: torch.Tensor) -> dict[str, float]:
         metrics = BenchmarkMetrics()
         metrics.update(batch, generated)
         return {k: float(v) for k, v in metrics.compute().items()}
 
+    return scores
+
+
+def test_band_identity_gaps_subtract_the_score_against_another_identity(monkeypatch) -> None:
+    """``identity_gap_low`` / ``identity_gap_high``: a band's FaceSim against the clip's own reference minus against
+    another identity's, for the generations and (``_real``) for the real clips. A generation that scores as high
+    against every reference (the same face for all) has a gap of 0 in both bands, whatever its FaceSim."""
+    from types import SimpleNamespace
+
+    ref, video = _videos(b=4, f=3)
+    face_mask = torch.zeros(video.shape[0], video.shape[1], 1, *video.shape[3:])
+    batch = SimpleNamespace(ref_face=ref, video=video, identity=torch.arange(4), face_mask=face_mask)
+    scores = _benchmark_scorer(monkeypatch, batch)
     pasted = scores(ref[:, None].expand_as(video).contiguous())
     for band in ("low", "high"):
         assert pasted[f"facesim_{band}"] == pytest.approx(1.0, abs=1e-5)
@@ -311,16 +322,6 @@ def test_hf_energy_ratio_places_an_excess_on_the_face_or_the_background(monkeypa
     outside the face raises the background ratio alone, a blurred face lowers the face ratio alone."""
     from types import SimpleNamespace
 
-    import consisid_lab.encoders.store as store
-    from consisid_lab.metrics.benchmark import BenchmarkMetrics
-
-    standins = SimpleNamespace(
-        evaluator=_random_evaluator("full", 0),
-        evaluator_low=_random_evaluator("low", 1),
-        evaluator_high=_random_evaluator("high", 2),
-        face_gate=_AlwaysFace(),
-    )
-    monkeypatch.setattr(store, "load_standins", lambda *a, **k: standins)
     ref, coarse = _videos(b=4, f=3)
     # smooth frames (4 x 4 noise upsampled bilinearly), so that added noise shows in the energy
     video = torch.nn.functional.interpolate(coarse[..., :4, :4].flatten(0, 1), size=(32, 32), mode="bilinear")
@@ -328,12 +329,7 @@ def test_hf_energy_ratio_places_an_excess_on_the_face_or_the_background(monkeypa
     face_mask = torch.zeros(video.shape[0], video.shape[1], 1, *video.shape[3:])
     face_mask[..., 8:24, 8:24] = 1
     batch = SimpleNamespace(ref_face=ref, video=video, identity=torch.arange(4), face_mask=face_mask)
-
-    def scores(generated: torch.Tensor) -> dict[str, float]:
-        metrics = BenchmarkMetrics()
-        metrics.update(batch, generated)
-        return {k: float(v) for k, v in metrics.compute().items()}
-
+    scores = _benchmark_scorer(monkeypatch, batch)
     same = scores(video)
     for key in ("hf_energy_ratio", "hf_energy_ratio_face", "hf_energy_ratio_background"):
         assert same[key] == pytest.approx(1.0)

@@ -112,15 +112,20 @@ def test_augmentations_that_are_off_draw_nothing():
     assert torch.equal(gen.get_state(), state)
 
 
-def test_default_loss_is_unchanged_by_the_switches_that_are_off(train_cfg):
-    """Explicitly-off augmentations give the default loss bit for bit (the same draws in the same order)."""
+def _module_and_batch(train_cfg):
+    """The default composition's module and a fixed training batch."""
     from consisid_lab.utils.instantiate import instantiate
 
     cfg = train_cfg()
     module = instantiate(cfg.model)
     dm = instantiate(cfg.data)
     dm.setup()
-    batch = dm.fixed_batch("train")
+    return module, dm.fixed_batch("train")
+
+
+def test_default_loss_is_unchanged_by_the_switches_that_are_off(train_cfg):
+    """Explicitly-off augmentations give the default loss bit for bit (the same draws in the same order)."""
+    module, batch = _module_and_batch(train_cfg)
     base = replace(module.loss_settings, mask_prob=1.0)
     off = replace(base, image_noise=False, image_dropout=0.0, sample_posterior=False, mask_normalisation="per_sample")
     losses = []
@@ -138,13 +143,7 @@ def test_default_loss_is_unchanged_by_the_switches_that_are_off(train_cfg):
 def test_mask_background_weight_runs_from_the_face_alone_to_no_mask(train_cfg):
     """``model.loss.mask_background_weight``: 0 is the paper's face-only masked step, 1 weighs the background like
     the face (the unmasked loss, bit for bit), values between give a loss of its own."""
-    from consisid_lab.utils.instantiate import instantiate
-
-    cfg = train_cfg()
-    module = instantiate(cfg.model)
-    dm = instantiate(cfg.data)
-    dm.setup()
-    batch = dm.fixed_batch("train")
+    module, batch = _module_and_batch(train_cfg)
     masked = replace(module.loss_settings, mask_prob=1.0)
     losses = {}
     for name, settings in {

@@ -97,8 +97,7 @@ class BenchmarkMetrics:
         m["id_drift"].update(ref, video)
         m["fid"].update(batch.video, video)
         m["background_error"].update(batch.video, video)
-        self._hf["generated"] += float(horizontal_energy(video).sum())
-        self._hf["real"] += float(horizontal_energy(batch.video).sum())
+        # Energy sums per region; the whole frame's is the face's plus the background's.
         face_pairs = horizontal_pair_mask(batch.face_mask)
         for name, clip in (("generated", video), ("real", batch.video)):
             diff = (clip[..., 1:] - clip[..., :-1]).abs().sum(2, keepdim=True)
@@ -134,8 +133,10 @@ class BenchmarkMetrics:
             out["background_gap"] = out["background_error_shuffled"] - out["background_error"]
             # the real clip's own error is 0: its gap is the chance level
             out["background_gap_real"] = out["background_error_real_shuffled"]
-        if self._hf["real"] > 0:
-            out["hf_energy_ratio"] = torch.tensor(self._hf["generated"] / self._hf["real"])
+        generated = self._hf["generated_face"] + self._hf["generated_background"]
+        real = self._hf["real_face"] + self._hf["real_background"]
+        if real > 0:
+            out["hf_energy_ratio"] = torch.tensor(generated / real)
         for region in ("face", "background"):
             if self._hf[f"real_{region}"] > 0:
                 out[f"hf_energy_ratio_{region}"] = torch.tensor(
@@ -150,7 +151,7 @@ class BenchmarkMetrics:
         self._updates = 0
 
 
-HF_KEYS = ("generated", "real", "generated_face", "real_face", "generated_background", "real_background")
+HF_KEYS = ("generated_face", "real_face", "generated_background", "real_background")
 
 
 def horizontal_pair_mask(face_mask: Tensor) -> Tensor:
