@@ -1,4 +1,7 @@
-"""Export task: ``python -m consisid_lab.export ckpt_path=RUN_OR_CKPT out_dir=DIR``.
+"""Export task: ``python -m consisid_lab.export ckpt_path=RUN_OR_CKPT out_dir=DIR [layout=backbone]``.
+
+``layout=backbone`` writes the run's backbone alone (``transformer/``, and ``text_encoder/`` for the trainable
+caption encoder) as a base to fine-tune from: ``+experiment=from_base base_dir=DIR``. The default layout:
 
 Writes one of our training checkpoints of the ConsisID composition in the published diffusers layout
 (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), the EMA
@@ -14,6 +17,7 @@ and T5) before anything is written.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -24,6 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+LAYOUTS = ("published", "backbone")
 
 
 def check_pipeline_components(denoiser: Any) -> dict[str, Any]:
@@ -89,6 +95,36 @@ def write_published(denoiser: Any, scheduler: Any, out_dir: str | Path) -> Path:
     return out
 
 
+def write_backbone(denoiser: Any, out_dir: str | Path, source: dict | None = None) -> Path:
+    """The backbone of ``denoiser`` as a base for fine-tuning: ``transformer/`` (a CogVideoX diffusers transformer,
+    which ``model.backbone.pretrained=DIR`` loads) and, for the trainable bag-of-words caption encoder,
+    ``text_encoder/`` (``model.text_encoder.pretrained=DIR``). Identity modules are left out: a fine-tune starts
+    them new, as ConsisID starts its own on CogVideoX-5B-I2V."""
+    from consisid_lab.models.consisid import NotExpressibleError
+    from consisid_lab.models.text_encoder import BagOfWordsTextEncoder
+    from consisid_lab.models.trainable import fuse_lora
+
+    backbone = denoiser.backbone
+    if getattr(backbone, "pooled_text_proj", None) is not None:
+        raise NotExpressibleError(
+            "model.backbone.pooled_text=true adds a route CogVideoX's transformer does not have; train the base "
+            "without it to export its backbone"
+        )
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"out_dir={out} is not empty; pass a new directory")
+    fuse_lora(backbone.transformer)
+    backbone.transformer.save_pretrained(str(out / "transformer"))
+    written = ["transformer/"]
+    if isinstance(denoiser.text_encoder, BagOfWordsTextEncoder):
+        denoiser.text_encoder.save_pretrained(out / "text_encoder")
+        written.append("text_encoder/")
+    if source:
+        (out / "base.json").write_text(json.dumps(source, indent=2, default=str))
+    log.info("exported the backbone to %s (%s)", out, ", ".join(written))
+    return out
+
+
 def _buffers_from(transformer: Any, denoiser: Any) -> None:
     """Non-persistent buffers (not in any state dict) come from our backbone, which computed them."""
     from consisid_lab.models.consisid import diffusers_to_ours
@@ -129,7 +165,20 @@ def export(cfg: DictConfig) -> Path:
     ckpt = resolve_ckpt_path(cfg.ckpt_path)
     if ckpt is None:
         raise ValueError("export needs ckpt_path=RUN_DIR (or a .ckpt file of one of our training runs)")
+    layout = cfg.get("layout", "published")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; pick one of {LAYOUTS}")
     module = load_module(ckpt, use_ema=bool(cfg.use_ema))
+    if layout == "backbone":
+        ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=False)
+        run = ckpt_data.get("run_config") or {}
+        source = {
+            "checkpoint": str(ckpt),
+            "global_step": ckpt_data.get("global_step"),
+            "experiment": run.get("experiment_name"),
+            "ema": bool(cfg.use_ema),
+        }
+        return write_backbone(module.denoiser, cfg.out_dir, source)
     return write_published(module.denoiser, module.noise_scheduler, cfg.out_dir)
 
 

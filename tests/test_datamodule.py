@@ -85,6 +85,20 @@ def test_items_match_the_clip_they_come_from() -> None:
     assert ds.seeds(index) == (identity_seed("train", 2), ds.seeds(index)[1])
 
 
+def test_first_frame_reference_is_the_clips_own_first_frame_in_every_split() -> None:
+    dm = _dm(reference_image="first_frame")
+    for split in ("train", "test"):
+        ds = dm.dataset(split)
+        item, clip = ds[3], ds.clip(3)
+        assert ds.intra_frame(3) == 0
+        for face, kps, mask in (("ref_face", "ref_kps", "ref_mask"), ("intra_face", "intra_kps", "intra_mask")):
+            torch.testing.assert_close(item[face], item["video"][0])  # background included, not whitened
+            torch.testing.assert_close(item[kps], item["kps"][0])
+            torch.testing.assert_close(item[mask], item["face_mask"][0])
+        # Not vacuous: the identity reference of the same clip is another image.
+        assert not torch.allclose(item["ref_face"], torch.from_numpy(clip.ref_face).permute(2, 0, 1) * 2 - 1)
+
+
 def test_splits_hold_disjoint_identities_and_videos() -> None:
     dm = _dm(num_train_identities=50, num_val_identities=10, num_test_identities=10)
     id_seeds, video_seeds = {}, {}
@@ -154,6 +168,7 @@ def test_fixed_test_clips_are_stable() -> None:
         ({"height": 8}, "height"),
         ({"num_frames": 4}, "num_frames"),
         ({"identity_mode": "none"}, "identity_mode"),
+        ({"reference_image": "frame"}, "reference_image"),
     ],
 )
 def test_bad_settings_raise_before_any_work(kwargs: dict, name: str) -> None:

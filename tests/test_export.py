@@ -192,3 +192,31 @@ def test_fused_lora_keeps_the_output_and_gives_the_base_keys(train_cfg):
         after = module.denoiser.backbone(x, text, t)
     assert not any("lora_" in k or "base_layer" in k for k in transformer.state_dict())
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_trained_base_exports_its_backbone_and_a_fine_tune_trains_from_it(train_cfg, tmp_path, standin_cache):
+    from conftest import compose_train
+    from safetensors.torch import load_file
+
+    from consisid_lab.eval import load_module
+    from consisid_lab.train import train
+
+    short = ["trainer.max_steps=2", "test=false", "trainer.val_check_interval=100", "~callbacks.frequency"]
+    cfg = train_cfg("+experiment=i2v_base", *short)
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    with pytest.raises(ValueError, match=r"layout='pipeline' is unknown"):
+        _export(run, tmp_path / "bad", "layout=pipeline")
+    base = _export(run, tmp_path / "base", "layout=backbone")
+    # What is written is the run's EMA weights, as validation saw them.
+    ema = load_module(run / "checkpoints" / "last.ckpt", use_ema=True).denoiser
+    saved = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
+    ours = ema.backbone.transformer.state_dict()
+    assert saved.keys() == ours.keys()
+    assert [k for k in saved if not torch.equal(saved[k], ours[k])] == []
+    assert (base / "text_encoder" / "config.json").is_file()
+
+    tuned = compose_train(["+experiment=from_base", f"base_dir={base}", *short], tmp_path / "tuned", standin_cache)
+    train(tuned)
+    first = load_module(tmp_path / "tuned" / "checkpoints" / "last.ckpt", use_ema=False).denoiser
+    assert first.local_encoder is not None and sum(p.numel() for p in first.fuser.parameters()) > 0

@@ -141,3 +141,41 @@ def test_backbone_pretrained_loads_the_dit_and_leaves_the_identity_modules_new(t
     ).save_pretrained(other)
     with pytest.raises(CompositionMismatchError, match=r"num_layers: checkpoint has 3"):
         instantiate(train_cfg(f"+model.backbone.pretrained={other}").model)
+
+
+def test_a_base_backbone_exported_from_one_run_starts_a_fine_tune(train_cfg, tmp_path):
+    from consisid_lab.export import write_backbone
+
+    base = instantiate(train_cfg("+experiment=i2v_base").model)
+    assert base.denoiser.fuser is None or not any(True for _ in base.denoiser.fuser.parameters())
+    _randomise(base.denoiser.backbone.transformer, seed=7)
+    _randomise(base.denoiser.text_encoder, seed=8)
+    root = write_backbone(base.denoiser, tmp_path / "base", source={"experiment": "i2v_base"})
+    assert json.loads((root / "base.json").read_text()) == {"experiment": "i2v_base"}
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_backbone(base.denoiser, root)
+
+    tuned = instantiate(train_cfg("+experiment=from_base", f"base_dir={root}").model)
+    for part in ("backbone.transformer", "text_encoder"):
+        theirs = base.denoiser.get_submodule(part).state_dict()
+        ours = tuned.denoiser.get_submodule(part).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == [], part
+    # The identity modules are the fine-tune's own: present, and the injection starts at zero.
+    assert sum(p.numel() for p in tuned.denoiser.fuser.parameters()) > 0
+    assert all(layer.to_out.weight.abs().sum() == 0 for layer in tuned.denoiser.backbone.injector.layers)
+    # Not vacuous: a model built without the base has other weights.
+    fresh = instantiate(train_cfg().model).denoiser.text_encoder.state_dict()
+    assert not torch.equal(fresh["embed.weight"], tuned.denoiser.text_encoder.state_dict()["embed.weight"])
+
+
+def test_a_saved_caption_encoder_is_refused_at_other_sizes(tmp_path):
+    from consisid_lab.models.text_encoder import BagOfWordsTextEncoder
+
+    BagOfWordsTextEncoder(dim=32, max_length=16).save_pretrained(tmp_path / "text_encoder")
+    loaded = BagOfWordsTextEncoder(dim=32, max_length=16, pretrained=str(tmp_path))
+    assert loaded(["a person smiles"]).shape == (1, 16, 32)
+    with pytest.raises(ValueError, match=r"max_length: saved 16, here 32"):
+        BagOfWordsTextEncoder(dim=32, max_length=32, pretrained=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"export layout=backbone"):
+        BagOfWordsTextEncoder(pretrained=str(tmp_path / "nowhere"))

@@ -61,6 +61,7 @@ class SyntheticClipDataset(Dataset):
         seed: int = 0,
         cache: ClipCache | None = None,
         memory_cache: bool = False,
+        reference_image: str = "face",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {SPLITS}")
@@ -68,8 +69,10 @@ class SyntheticClipDataset(Dataset):
             raise ValueError(f"num_identities={num_identities} for split {split!r} must be in [1, {SPLIT_CAPACITY}]")
         if clips_per_identity < 1:
             raise ValueError(f"clips_per_identity={clips_per_identity} must be >= 1")
+        check_reference_image(reference_image)
         cfg.validate()
         self.split = split
+        self.reference_image = reference_image
         self.num_identities = int(num_identities)
         self.clips_per_identity = int(clips_per_identity)
         self.cfg = cfg
@@ -97,7 +100,10 @@ class SyntheticClipDataset(Dataset):
         return identity_seed(self.split, i), video_seed(self.split, i, k, self.seed)
 
     def intra_frame(self, index: int) -> int:
-        """The frame of the clip used as in-clip reference (``intra_face``): fixed per clip, spread over frames."""
+        """The frame of the clip used as in-clip reference (``intra_face``): fixed per clip, spread over frames
+        (frame 0 when the reference image is the first frame)."""
+        if self.reference_image == "first_frame":
+            return 0
         return self.seeds(index)[1] % self.cfg.num_frames
 
     def clip(self, index: int) -> Clip:
@@ -115,21 +121,42 @@ class SyntheticClipDataset(Dataset):
         clip = self.clip(index)
         j = self.intra_frame(index)
         assert clip.head_alpha is not None, "clips carry head alphas (render_clip sets them)"
+        if self.reference_image == "first_frame":
+            # Image-to-video: the whole first frame, background included, is the reference and the in-clip face.
+            first = _images(clip.frames[0])
+            kps0, mask0 = torch.from_numpy(clip.keypoints[0].copy()), _mask(clip.masks[0])
+            reference = {"ref_face": first, "ref_kps": kps0, "ref_mask": mask0}
+            reference.update(intra_face=first, intra_kps=kps0, intra_mask=mask0)
+        else:
+            reference = {
+                "ref_face": _images(clip.ref_face),  # (3, H, W)
+                "ref_kps": torch.from_numpy(clip.ref_keypoints.copy()),  # (5, 2)
+                "ref_mask": _mask(clip.ref_mask),  # (1, H, W)
+                "intra_face": _images(whiten_outside(clip.frames[j], clip.head_alpha[j])),
+                "intra_kps": torch.from_numpy(clip.keypoints[j].copy()),
+                "intra_mask": _mask(clip.masks[j]),
+            }
         return {
             "video": _images(clip.frames),  # (F, 3, H, W)
             "caption": clip.caption,
-            "ref_face": _images(clip.ref_face),  # (3, H, W)
-            "ref_kps": torch.from_numpy(clip.ref_keypoints.copy()),  # (5, 2)
-            "ref_mask": _mask(clip.ref_mask),  # (1, H, W)
-            "intra_face": _images(whiten_outside(clip.frames[j], clip.head_alpha[j])),
-            "intra_kps": torch.from_numpy(clip.keypoints[j].copy()),
-            "intra_mask": _mask(clip.masks[j]),
+            **reference,
             "kps": torch.from_numpy(clip.keypoints.copy()),  # (F, 5, 2)
             "face_mask": _mask(clip.masks),  # (F, 1, H, W)
             "boxes": torch.from_numpy(clip.boxes.copy()),  # (F, 4)
             "identity": index // self.clips_per_identity,
             "clip_id": index,
         }
+
+
+REFERENCE_IMAGES = ("face", "first_frame")
+
+
+def check_reference_image(value: str) -> None:
+    if value not in REFERENCE_IMAGES:
+        raise ValueError(
+            f"data.reference_image={value!r} is unknown; pick face (the identity reference: a near-frontal face on "
+            "white, as ConsisID's) or first_frame (the clip's own first frame: image-to-video, for a base backbone)"
+        )
 
 
 def collate_video_batch(items: list[dict]) -> VideoBatch:
@@ -193,6 +220,7 @@ class SyntheticDataModule(L.LightningDataModule):
         seed: int = 0,
         supersample: int = 2,
         memory_cache: bool = False,
+        reference_image: str = "face",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,12 +240,14 @@ class SyntheticDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.memory_cache = bool(memory_cache)
+        self.reference_image = reference_image
         self.datasets: dict[str, SyntheticClipDataset] = {}
         self._validate()
 
     def _validate(self) -> None:
         """Every setting checked before any rendering: the error names the setting and its valid range."""
         self.cfg.validate()
+        check_reference_image(self.reference_image)
         for split, n in self.counts.items():
             if not isinstance(n, int | np.integer) or not 1 <= n <= SPLIT_CAPACITY:
                 raise ValueError(
@@ -246,6 +276,7 @@ class SyntheticDataModule(L.LightningDataModule):
                     seed=self.seed,
                     cache=cache,
                     memory_cache=self.memory_cache and split == "train",
+                    reference_image=self.reference_image,
                 )
 
     def dataset(self, split: str) -> SyntheticClipDataset:

@@ -50,7 +50,12 @@ class BagOfWordsTextEncoder(TextEncoder):
         vocab_size: hash buckets (id 0 is padding); collisions merge words, harmless at benchmark vocab sizes.
         num_heads: heads of the mixing layer (must divide ``dim``).
         stop_words: words dropped before embedding (function words): more of a caption fits in ``max_length``.
+        pretrained: a base backbone's root (``text_encoder/`` inside it, as ``export layout=backbone`` writes it)
+            or that folder: the weights start from it, strictly, after its config is checked against these sizes.
     """
+
+    WEIGHTS = "text_encoder.safetensors"
+    CONFIG = "config.json"
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class BagOfWordsTextEncoder(TextEncoder):
         vocab_size: int = 4096,
         num_heads: int = 4,
         stop_words: Sequence[str] = (),
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -75,6 +81,57 @@ class BagOfWordsTextEncoder(TextEncoder):
             dim, num_heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
         )
         self.norm = nn.LayerNorm(dim)
+        self.num_heads = num_heads
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    def settings(self) -> dict:
+        """What shapes the weights and the tokens: a saved encoder must match all of it to be loaded."""
+        return {
+            "dim": self.dim,
+            "max_length": self.max_length,
+            "vocab_size": self.vocab_size,
+            "num_heads": self.num_heads,
+            "stop_words": sorted(self.stop_words),
+        }
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and the weights (safetensors) into ``folder``."""
+        import json
+
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / self.CONFIG).write_text(json.dumps(self.settings(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / self.WEIGHTS))
+        return out
+
+    def load_pretrained(self, path: str | Path) -> Path:
+        """Load weights written by :meth:`save_pretrained` from ``path`` or ``path/text_encoder``, strictly."""
+        import json
+
+        from safetensors.torch import load_file
+
+        root = Path(path).expanduser()
+        folder = root / "text_encoder" if (root / "text_encoder" / self.CONFIG).is_file() else root
+        if not (folder / self.CONFIG).is_file() or not (folder / self.WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"model.text_encoder.pretrained={path}: no {self.CONFIG} and {self.WEIGHTS} in {folder} (nor in its "
+                "text_encoder/); pass a folder written by `python -m consisid_lab.export layout=backbone`"
+            )
+        saved = json.loads((folder / self.CONFIG).read_text())
+        ours = self.settings()
+        wrong = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+        if wrong:
+            raise ValueError(
+                f"model.text_encoder.pretrained={path} was saved with other settings: "
+                + "; ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in wrong.items())
+                + "; set model.text_encoder to the saved values"
+            )
+        self.load_state_dict(load_file(str(folder / self.WEIGHTS)), strict=True)
+        logger.info("text encoder weights from %s", folder)
+        return folder
 
     def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """``(ids (B, L) long, valid (B, L) bool)``; deterministic across processes and machines."""
