@@ -63,6 +63,14 @@ def check_pipeline_components(denoiser: Any) -> dict[str, Any]:
     return config
 
 
+def _new_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a path, refused when it holds anything: an export never mixes with other files."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"out_dir={out} is not empty; pass a new directory")
+    return out
+
+
 def write_published(denoiser: Any, scheduler: Any, out_dir: str | Path) -> Path:
     """``denoiser`` (with its codec and T5) and ``scheduler`` as a published ConsisID directory at ``out_dir``."""
     from diffusers import ConsisIDPipeline, ConsisIDTransformer3DModel
@@ -72,9 +80,7 @@ def write_published(denoiser: Any, scheduler: Any, out_dir: str | Path) -> Path:
 
     fuse_lora(denoiser.backbone.transformer)
     config = check_pipeline_components(denoiser)
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"out_dir={out} is not empty; pass a new directory")
+    out = _new_out_dir(out_dir)
     state = to_diffusers_state_dict(denoiser)
     with torch.device("meta"):
         transformer = ConsisIDTransformer3DModel(**config)
@@ -110,9 +116,7 @@ def write_backbone(denoiser: Any, out_dir: str | Path, source: dict | None = Non
             "model.backbone.pooled_text=true adds a route CogVideoX's transformer does not have; train the base "
             "without it to export its backbone"
         )
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"out_dir={out} is not empty; pass a new directory")
+    out = _new_out_dir(out_dir)
     fuse_lora(backbone.transformer)
     backbone.transformer.save_pretrained(str(out / "transformer"))
     written = ["transformer/"]
@@ -170,14 +174,9 @@ def export(cfg: DictConfig) -> Path:
         raise ValueError(f"layout={layout!r} is unknown; pick one of {LAYOUTS}")
     module = load_module(ckpt, use_ema=bool(cfg.use_ema))
     if layout == "backbone":
-        ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=False)
-        run = ckpt_data.get("run_config") or {}
-        source = {
-            "checkpoint": str(ckpt),
-            "global_step": ckpt_data.get("global_step"),
-            "experiment": run.get("experiment_name"),
-            "ema": bool(cfg.use_ema),
-        }
+        # The run's config came with the module (on_load_checkpoint): the checkpoint is not read again.
+        run = module.run_config or {}
+        source = {"checkpoint": str(ckpt), "experiment": run.get("experiment_name"), "ema": bool(cfg.use_ema)}
         return write_backbone(module.denoiser, cfg.out_dir, source)
     return write_published(module.denoiser, module.noise_scheduler, cfg.out_dir)
 

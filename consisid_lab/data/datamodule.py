@@ -121,25 +121,28 @@ class SyntheticClipDataset(Dataset):
         clip = self.clip(index)
         j = self.intra_frame(index)
         assert clip.head_alpha is not None, "clips carry head alphas (render_clip sets them)"
-        if self.reference_image == "first_frame":
-            # Image-to-video: the whole first frame, background included, is the reference and the in-clip face.
-            first = _images(clip.frames[0])
-            kps0, mask0 = torch.from_numpy(clip.keypoints[0].copy()), _mask(clip.masks[0])
-            reference = {"ref_face": first, "ref_kps": kps0, "ref_mask": mask0}
-            reference.update(intra_face=first, intra_kps=kps0, intra_mask=mask0)
+        # Image-to-video (first_frame): the whole frame j = 0, background included, is both references.
+        first_frame = self.reference_image == "first_frame"
+        intra = {
+            "intra_face": _images(
+                clip.frames[j] if first_frame else whiten_outside(clip.frames[j], clip.head_alpha[j])
+            ),
+            "intra_kps": torch.from_numpy(clip.keypoints[j].copy()),
+            "intra_mask": _mask(clip.masks[j]),
+        }
+        if first_frame:
+            ref = {"ref_face": intra["intra_face"], "ref_kps": intra["intra_kps"], "ref_mask": intra["intra_mask"]}
         else:
-            reference = {
+            ref = {
                 "ref_face": _images(clip.ref_face),  # (3, H, W)
                 "ref_kps": torch.from_numpy(clip.ref_keypoints.copy()),  # (5, 2)
                 "ref_mask": _mask(clip.ref_mask),  # (1, H, W)
-                "intra_face": _images(whiten_outside(clip.frames[j], clip.head_alpha[j])),
-                "intra_kps": torch.from_numpy(clip.keypoints[j].copy()),
-                "intra_mask": _mask(clip.masks[j]),
             }
         return {
             "video": _images(clip.frames),  # (F, 3, H, W)
             "caption": clip.caption,
-            **reference,
+            **ref,
+            **intra,
             "kps": torch.from_numpy(clip.keypoints.copy()),  # (F, 5, 2)
             "face_mask": _mask(clip.masks),  # (F, 1, H, W)
             "boxes": torch.from_numpy(clip.boxes.copy()),  # (F, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import zlib
@@ -97,8 +98,6 @@ class BagOfWordsTextEncoder(TextEncoder):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``config.json`` and the weights (safetensors) into ``folder``."""
-        import json
-
         from safetensors.torch import save_file
 
         out = Path(folder)
@@ -109,8 +108,6 @@ class BagOfWordsTextEncoder(TextEncoder):
 
     def load_pretrained(self, path: str | Path) -> Path:
         """Load weights written by :meth:`save_pretrained` from ``path`` or ``path/text_encoder``, strictly."""
-        import json
-
         from safetensors.torch import load_file
 
         root = Path(path).expanduser()
