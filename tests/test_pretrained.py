@@ -168,6 +168,15 @@ def test_a_base_backbone_exported_from_one_run_starts_a_fine_tune(train_cfg, tmp
     fresh = instantiate(train_cfg().model).denoiser.text_encoder.state_dict()
     assert not torch.equal(fresh["embed.weight"], tuned.denoiser.text_encoder.state_dict()["embed.weight"])
 
+    # The global-route ablation that keeps the base's image channels loads it too; the one that drops them is
+    # refused, naming the channels.
+    zeroed = instantiate(train_cfg("+experiment=[no_global_zeroed,from_base]", f"base_dir={root}").model)
+    theirs = base.denoiser.backbone.transformer.state_dict()
+    ours = zeroed.denoiser.backbone.transformer.state_dict()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    with pytest.raises(CompositionMismatchError, match=r"in_channels: checkpoint has 32"):
+        instantiate(train_cfg("+experiment=[no_global,from_base]", f"base_dir={root}").model)
+
 
 def test_a_saved_caption_encoder_is_refused_at_other_sizes(tmp_path):
     from consisid_lab.models.text_encoder import BagOfWordsTextEncoder

@@ -58,7 +58,7 @@ def test_every_experiment_trains_and_tests(experiment, train_cfg):
         assert key in record["metrics"], key
     assert record["components"]["backbone"] == "tiny"
     # The reference's latent layout is recorded, so a report keeps the two layouts in separate rows.
-    layout = {"reference_every_frame": "all", "no_global": None}.get(experiment, "first")
+    layout = {"reference_every_frame": "all", "no_global": None, "no_global_zeroed": None}.get(experiment, "first")
     assert record["components"].get("face_frames") == layout
     # The footprint: last.ckpt only (a checkpoint was due at every step of this run).
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -90,6 +90,13 @@ def test_composition_matches_experiment(train_cfg):
     assert full.denoiser.backbone.in_channels == 2 * full.denoiser.vae.latent_channels
     no_global = instantiate(train_cfg("+experiment=no_global").model)
     assert no_global.denoiser.backbone.in_channels == no_global.denoiser.vae.latent_channels
+    # The zeroed variant keeps the channels (a base backbone's shape) and puts no face in them.
+    zeroed = instantiate(train_cfg("+experiment=no_global_zeroed").model).denoiser
+    assert zeroed.backbone.in_channels == 2 * zeroed.vae.latent_channels and not zeroed.uses_kps
+    face, kps = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 5, 2) * 64
+    g = zeroed.global_latent(face, kps, num_latent_frames=3)
+    assert g.shape == (2, 3, zeroed.vae.latent_channels, 16, 16) and not g.any()
+    assert full.denoiser.global_latent(face, kps, num_latent_frames=3).abs().sum() > 0
     no_local = instantiate(train_cfg("+experiment=no_local").model)
     assert isinstance(no_local.denoiser.backbone.injector, NoInjector) and no_local.denoiser.fuser is None
 
@@ -108,6 +115,8 @@ def test_incompatible_combinations_fail_before_training(train_cfg):
         instantiate(train_cfg("model/local_encoder=arcface", "model.local_encoder.arcface_layer=last").model)
     with pytest.raises(ValueError, match="no identity route"):
         instantiate(train_cfg("model/global_encoder=none", "model/local_encoder=none", "model/injector=none").model)
+    with pytest.raises(ValueError, match="global_encoder=zero_latent and model/local_encoder=none leave no identity"):
+        instantiate(train_cfg("+experiment=[no_global_zeroed,no_local]").model)
 
 
 def test_resume_reproduces_the_loss_curve(tmp_path, standin_cache):

@@ -300,10 +300,13 @@ def check_composition(codec: Any, renderer: Any, global_encoder: Any, local_enco
             "false); model/keypoint_renderer=none skips the rendering",
             type(renderer).__name__,
         )
-    no_global = global_encoder.channels(codec) == 0
+    no_global = not global_encoder.carries_identity
     no_local = local_encoder.spec.is_empty()
     if no_global and no_local:
-        raise ValueError("model/global_encoder=none and model/local_encoder=none leave no identity route; keep one")
+        raise ValueError(
+            f"model/global_encoder={getattr(global_encoder, 'name', 'none')} and model/local_encoder=none leave no "
+            "identity route; keep one"
+        )
 
 
 def build_fuser(cfg: Mapping[str, Any], local_encoder: LocalEncoder) -> nn.Module:

@@ -27,6 +27,7 @@ class GlobalEncoder(nn.Module):
 
     use_kps: bool = False
     frozen: bool = False
+    carries_identity: bool = True  # False: the route is off (no channels, or channels that hold no face)
 
     def channels(self, codec: LatentCodec) -> int:
         raise NotImplementedError
@@ -44,11 +45,14 @@ class NoGlobalEncoder(GlobalEncoder):
     is chosen); ``true`` is refused: there is no latent to carry a keypoint image.
     """
 
+    carries_identity = False
+    name = "none"
+
     def __init__(self, use_kps: bool = False) -> None:
         super().__init__()
         if use_kps:
             raise ValueError(
-                "model/global_encoder=none has no latent to carry a keypoint image, but use_kps=true is set; "
+                f"model/global_encoder={self.name} has no latent to carry a keypoint image, but use_kps=true is set; "
                 "set model.global_encoder.use_kps=false (or drop it), or pick model/global_encoder=face_latent"
             )
 
@@ -57,6 +61,26 @@ class NoGlobalEncoder(GlobalEncoder):
 
     def forward(self, ref_face: Tensor, kps_image: Tensor | None, codec: LatentCodec, num_latent_frames: int) -> None:
         return None
+
+
+class ZeroLatentEncoder(NoGlobalEncoder):
+    """No low-frequency route on a backbone that has the image channels: they are all zeros (C_g =
+    ``codec.latent_channels``), as an image-to-video backbone sees at every latent frame but the first.
+
+    The ablation of the global route for a fine-tune from a base backbone (``+experiment=from_base``): the base's
+    input projection keeps its shape and loads, where ``model/global_encoder=none`` drops the channels and cannot.
+    """
+
+    name = "zero_latent"
+
+    def channels(self, codec: LatentCodec) -> int:
+        return codec.latent_channels
+
+    def forward(
+        self, ref_face: Tensor, kps_image: Tensor | None, codec: LatentCodec, num_latent_frames: int
+    ) -> Tensor:
+        _, c, h, w = codec.latent_shape(1, *ref_face.shape[-2:])
+        return ref_face.new_zeros((ref_face.shape[0], num_latent_frames, c, h, w))
 
 
 class FaceLatentEncoder(GlobalEncoder):
