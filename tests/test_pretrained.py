@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf.errors import InterpolationResolutionError
 from test_denoiser import CONSISID_TINY, _randomise
 
 from consisid_lab.models.consisid import NotExpressibleError, consisid_config, to_diffusers_state_dict
@@ -155,6 +156,9 @@ def test_a_base_backbone_exported_from_one_run_starts_a_fine_tune(train_cfg, tmp
     with pytest.raises(FileExistsError, match="not empty"):
         write_backbone(base.denoiser, root)
 
+    # Without a base the fine-tune is refused, never silently trained from scratch.
+    with pytest.raises(InterpolationResolutionError, match=r"from_base needs base_dir=DIR"):
+        instantiate(train_cfg("+experiment=from_base").model)
     tuned = instantiate(train_cfg("+experiment=from_base", f"base_dir={root}").model)
     for part in ("backbone.transformer", "text_encoder"):
         theirs = base.denoiser.get_submodule(part).state_dict()
