@@ -159,5 +159,7 @@ def plot_forest(
         ax.set_yticks([])
         ax.set_title(f"{label}  [{metric}: {verdict}]", fontsize=8, loc="left", color=color)
         ax.tick_params(axis="x", labelsize=7)
-    axes[-1].set_xlabel("paired difference, treatment - control (95% bootstrap CI; grey: ±MDE)", fontsize=8)
+    axes[-1].set_xlabel(
+        "paired difference, treatment - control (95% CI, the wider of bootstrap and paired t; grey: ±MDE)", fontsize=8
+    )
     return fig
